@@ -1,0 +1,185 @@
+//! The default index: one embedded `redb` file. Every write is one redb transaction, durable on
+//! commit, so a record is either wholly there or absent after a crash.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use starlight_format::{ContentLocation, Digest, FormatError, ImageRecord, LayerRecord};
+
+use super::{Index, IndexError};
+
+const CONTENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("contents");
+const LAYERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("layers");
+const IMAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("images");
+const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
+
+/// An index in an embedded redb file.
+#[derive(Clone)]
+pub struct RedbIndex {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for RedbIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedbIndex")
+    }
+}
+
+fn backend(op: &'static str) -> impl FnOnce(redb::Error) -> IndexError {
+    move |e| IndexError::Backend { backend: "redb", op, source: Box::new(e) }
+}
+
+fn corrupt(table: &str, key: &[u8]) -> impl FnOnce(FormatError) -> IndexError {
+    let key = format!("{table}/{}", hex_key(key));
+    move |source| IndexError::Corrupt { key, source }
+}
+
+fn hex_key(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl RedbIndex {
+    /// Opens (creating if needed) the index file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<RedbIndex, IndexError> {
+        let path = path.as_ref();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| backend("create directory")(redb::Error::Io(e)))?;
+        }
+        let db = Database::create(path).map_err(|e| backend("open")(e.into()))?;
+        // Create the tables once so that readers never see "table does not exist".
+        let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+        {
+            for t in [CONTENTS, LAYERS, IMAGES] {
+                tx.open_table(t).map_err(|e| backend("open table")(e.into()))?;
+            }
+            tx.open_table(TAGS).map_err(|e| backend("open table")(e.into()))?;
+        }
+        tx.commit().map_err(|e| backend("commit")(e.into()))?;
+        Ok(RedbIndex { db: Arc::new(db) })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, IndexError> + Send + 'static,
+    ) -> Result<T, IndexError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| IndexError::Backend { backend: "redb", op: "task", source: Box::new(e) })?
+    }
+
+    async fn get_one(
+        &self,
+        table: TableDefinition<'static, &'static [u8], &'static [u8]>,
+        key: Digest,
+    ) -> Result<Option<Vec<u8>>, IndexError> {
+        self.run(move |db: &Database| {
+            let tx = db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
+            let t = tx.open_table(table).map_err(|e| backend("open table")(e.into()))?;
+            let v = t.get(&key.0[..]).map_err(|e| backend("get")(e.into()))?;
+            Ok(v.map(|g| g.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn put_one(
+        &self,
+        table: TableDefinition<'static, &'static [u8], &'static [u8]>,
+        key: Digest,
+        value: Vec<u8>,
+    ) -> Result<(), IndexError> {
+        self.run(move |db: &Database| {
+            let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+            {
+                let mut t = tx.open_table(table).map_err(|e| backend("open table")(e.into()))?;
+                t.insert(&key.0[..], &value[..]).map_err(|e| backend("insert")(e.into()))?;
+            }
+            tx.commit().map_err(|e| backend("commit")(e.into()))
+        })
+        .await
+    }
+}
+
+impl Index for RedbIndex {
+    async fn get_contents(&self, digests: &[Digest]) -> Result<Vec<Option<ContentLocation>>, IndexError> {
+        let digests = digests.to_vec();
+        self.run(move |db: &Database| {
+            let tx = db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
+            let t = tx.open_table(CONTENTS).map_err(|e| backend("open table")(e.into()))?;
+            digests
+                .iter()
+                .map(|d| {
+                    let v = t.get(&d.0[..]).map_err(|e| backend("get")(e.into()))?;
+                    v.map(|g| ContentLocation::decode(g.value()).map_err(corrupt("contents", &d.0)))
+                        .transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn put_contents(&self, items: &[(Digest, ContentLocation)]) -> Result<(), IndexError> {
+        let items: Vec<(Digest, Vec<u8>)> = items.iter().map(|(d, l)| (*d, l.encode())).collect();
+        self.run(move |db: &Database| {
+            let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+            {
+                let mut t = tx.open_table(CONTENTS).map_err(|e| backend("open table")(e.into()))?;
+                for (d, v) in &items {
+                    let present = t.get(&d.0[..]).map_err(|e| backend("get")(e.into()))?.is_some();
+                    if !present {
+                        t.insert(&d.0[..], &v[..]).map_err(|e| backend("insert")(e.into()))?;
+                    }
+                }
+            }
+            tx.commit().map_err(|e| backend("commit")(e.into()))
+        })
+        .await
+    }
+
+    async fn get_layer(&self, diff_id: &Digest) -> Result<Option<LayerRecord>, IndexError> {
+        let v = self.get_one(LAYERS, *diff_id).await?;
+        v.map(|v| LayerRecord::decode(&v).map_err(corrupt("layers", &diff_id.0))).transpose()
+    }
+
+    async fn put_layer(&self, rec: &LayerRecord) -> Result<(), IndexError> {
+        self.put_one(LAYERS, rec.diff_id, rec.encode()).await
+    }
+
+    async fn get_image(&self, manifest: &Digest) -> Result<Option<ImageRecord>, IndexError> {
+        let v = self.get_one(IMAGES, *manifest).await?;
+        v.map(|v| ImageRecord::decode(&v).map_err(corrupt("images", &manifest.0))).transpose()
+    }
+
+    async fn put_image(&self, rec: &ImageRecord) -> Result<(), IndexError> {
+        let (key, value) = (rec.manifest_digest, rec.encode());
+        let tag = rec.tag.as_ref().map(|t| (format!("{}:{t}", rec.name), key.to_string()));
+        // Record and tag in one transaction: the tag never points at a missing record.
+        self.run(move |db: &Database| {
+            let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+            {
+                let mut t = tx.open_table(IMAGES).map_err(|e| backend("open table")(e.into()))?;
+                t.insert(&key.0[..], &value[..]).map_err(|e| backend("insert")(e.into()))?;
+                if let Some((k, v)) = &tag {
+                    let mut t = tx.open_table(TAGS).map_err(|e| backend("open table")(e.into()))?;
+                    t.insert(k.as_str(), v.as_str()).map_err(|e| backend("insert")(e.into()))?;
+                }
+            }
+            tx.commit().map_err(|e| backend("commit")(e.into()))
+        })
+        .await
+    }
+
+    async fn resolve_tag(&self, name: &str, tag: &str) -> Result<Option<Digest>, IndexError> {
+        let key = format!("{name}:{tag}");
+        self.run(move |db: &Database| {
+            let tx = db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
+            let t = tx.open_table(TAGS).map_err(|e| backend("open table")(e.into()))?;
+            let v = t.get(key.as_str()).map_err(|e| backend("get")(e.into()))?;
+            v.map(|g| g.value().parse::<Digest>().map_err(|source| IndexError::Corrupt { key: key.clone(), source }))
+                .transpose()
+        })
+        .await
+    }
+}
