@@ -78,7 +78,9 @@ pub fn snapshot(root: &Path) -> std::io::Result<BTreeMap<Vec<u8>, Node>> {
         } else {
             None
         };
-        let target = (kind == 'l').then(|| std::fs::read_link(&path).map(|t| t.as_os_str().as_bytes().to_vec())).transpose()?;
+        let target = (kind == 'l')
+            .then(|| std::fs::read_link(&path).map(|t| t.as_os_str().as_bytes().to_vec()))
+            .transpose()?;
         if kind != 'd' && m.nlink() > 1 {
             inodes.entry((m.dev(), m.ino())).or_insert_with(|| rel.clone());
         }

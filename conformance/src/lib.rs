@@ -5,5 +5,5 @@
 //!   [`servers::S3Server`], [`servers::Registry`]), each on an ephemeral port and stopped when its
 //!   guard drops. A missing server binary fails the test with the command that installs it.
 
-pub mod servers;
 pub mod fstree;
+pub mod servers;

@@ -31,14 +31,18 @@ pub async fn copy_content(
         for f in group {
             let start = (f.offset - first.offset) as usize;
             let frame = &data[start..start + f.clen as usize];
-            let plain = zstd::bulk::decompress(frame, f.ulen as usize).map_err(|e| ConvertError::Content {
-                digest: *digest,
-                why: format!("frame at {} of {key}: {e}", f.offset),
+            let plain = zstd::bulk::decompress(frame, f.ulen as usize).map_err(|e| {
+                ConvertError::Content { digest: *digest, why: format!("frame at {} of {key}: {e}", f.offset) }
             })?;
             if plain.len() != f.ulen as usize {
                 return Err(ConvertError::Content {
                     digest: *digest,
-                    why: format!("frame at {} of {key} holds {} bytes, not {}", f.offset, plain.len(), f.ulen),
+                    why: format!(
+                        "frame at {} of {key} holds {} bytes, not {}",
+                        f.offset,
+                        plain.len(),
+                        f.ulen
+                    ),
                 });
             }
             hasher.update(&plain);
@@ -48,7 +52,10 @@ pub async fn copy_content(
     }
     let got = hasher.finish();
     if got != *digest || size != loc.size {
-        return Err(ConvertError::Content { digest: *digest, why: format!("stored bytes hash to {got} ({size} bytes)") });
+        return Err(ConvertError::Content {
+            digest: *digest,
+            why: format!("stored bytes hash to {got} ({size} bytes)"),
+        });
     }
     Ok(())
 }

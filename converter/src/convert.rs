@@ -11,11 +11,11 @@ use starlight_format::{ContentLocation, Digest, Frame, Hasher, ImageRecord, Laye
 use tokio_util::io::SyncIoBridge;
 use tracing::{debug, info};
 
+use crate::ConvertError;
 use crate::index::Index;
 use crate::layer::{ConvertedLayer, Expect, Options, convert_layer};
 use crate::source::{ResolvedImage, Source};
 use crate::store::ObjectStore;
-use crate::ConvertError;
 
 /// How one layer went.
 #[derive(Clone, Debug)]
@@ -85,10 +85,11 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
                 toc_bytes: 0,
             });
         }
-        let compression = crate::source::compression_of(&layer.media_type).ok_or_else(|| ConvertError::BadImage {
-            image: resolved.record.name.clone(),
-            why: format!("layer {} has unsupported media type {:?}", layer.digest, layer.media_type),
-        })?;
+        let compression =
+            crate::source::compression_of(&layer.media_type).ok_or_else(|| ConvertError::BadImage {
+                image: resolved.record.name.clone(),
+                why: format!("layer {} has unsupported media type {:?}", layer.digest, layer.media_type),
+            })?;
         let reader = source.open_blob(&layer.digest, layer.size).await?;
         let expect = Expect {
             name: layer.digest.to_string(),
@@ -102,7 +103,11 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
             convert_layer(SyncIoBridge::new(reader), &expect, &opts, &tmp)
         })
         .await
-        .map_err(|e| ConvertError::BadLayer { layer: layer.digest.to_string(), entry: None, why: format!("converter task failed: {e}") })??;
+        .map_err(|e| ConvertError::BadLayer {
+            layer: layer.digest.to_string(),
+            entry: None,
+            why: format!("converter task failed: {e}"),
+        })??;
         self.publish_layer(converted).await
     }
 
@@ -115,14 +120,25 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
         if let Some(want) = &expect.diff_id
             && let Some(record) = self.index.get_layer(want).await?
         {
-            return Ok(LayerOutcome { record, converted: false, compressed_size: 0, uncompressed_size: 0, stored_bytes: 0, toc_bytes: 0 });
+            return Ok(LayerOutcome {
+                record,
+                converted: false,
+                compressed_size: 0,
+                uncompressed_size: 0,
+                stored_bytes: 0,
+                toc_bytes: 0,
+            });
         }
         let opts = self.options.clone();
         let tmp = self.tmp_dir.clone();
         let name = expect.name.clone();
         let converted = tokio::task::spawn_blocking(move || convert_layer(reader, &expect, &opts, &tmp))
             .await
-            .map_err(|e| ConvertError::BadLayer { layer: name, entry: None, why: format!("converter task failed: {e}") })??;
+            .map_err(|e| ConvertError::BadLayer {
+                layer: name,
+                entry: None,
+                why: format!("converter task failed: {e}"),
+            })??;
         self.publish_layer(converted).await
     }
 
@@ -136,9 +152,10 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
         let ConvertedLayer { toc, blob, contents, compressed_size, uncompressed_size, .. } = layer;
 
         // Compact the blob if some contents turned out to be stored already, and hash it.
-        let (blob, kept) = tokio::task::spawn_blocking(move || finish_blob(blob, contents, &keep))
-            .await
-            .map_err(|e| ConvertError::Io { path: "blob".into(), source: std::io::Error::other(e) })??;
+        let (blob, kept) =
+            tokio::task::spawn_blocking(move || finish_blob(blob, contents, &keep))
+                .await
+                .map_err(|e| ConvertError::Io { path: "blob".into(), source: std::io::Error::other(e) })??;
 
         let mut stored_bytes = 0;
         let blob_digest = match &blob {
@@ -192,7 +209,14 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
         };
         self.index.put_layer(&record).await?;
         info!(%diff_id, entries = record.entries, stored_bytes, toc_bytes, "layer converted");
-        Ok(LayerOutcome { record, converted: true, compressed_size, uncompressed_size, stored_bytes, toc_bytes })
+        Ok(LayerOutcome {
+            record,
+            converted: true,
+            compressed_size,
+            uncompressed_size,
+            stored_bytes,
+            toc_bytes,
+        })
     }
 
     /// Reads and decodes a layer's TOC from the store, checking its digest.
@@ -202,7 +226,10 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
 }
 
 /// Reads and decodes a layer's TOC from the store, checking its digest.
-pub async fn load_toc(store: &impl ObjectStore, record: &LayerRecord) -> Result<starlight_format::Toc, ConvertError> {
+pub async fn load_toc(
+    store: &impl ObjectStore,
+    record: &LayerRecord,
+) -> Result<starlight_format::Toc, ConvertError> {
     let key = toc_key(&record.toc);
     let compressed = store.get(&key, 1 << 30).await?;
     let bad = |why: String| ConvertError::Content { digest: record.toc, why };

@@ -63,15 +63,20 @@ pub fn extract_layer(
                 continue;
             }
             Kind::Symlink { target } => {
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &dest).map_err(err("symlink"))?
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &dest)
+                    .map_err(err("symlink"))?
             }
             Kind::Hardlink { target } => {
                 let src = root.join(std::ffi::OsStr::from_bytes(target));
                 std::fs::hard_link(&src, &dest).map_err(err("hard link"))?;
                 continue; // a hard link shares its target's inode and metadata
             }
-            Kind::Char { major, minor } => mknod(&dest, libc::S_IFCHR, *major, *minor).map_err(err("mknod"))?,
-            Kind::Block { major, minor } => mknod(&dest, libc::S_IFBLK, *major, *minor).map_err(err("mknod"))?,
+            Kind::Char { major, minor } => {
+                mknod(&dest, libc::S_IFCHR, *major, *minor).map_err(err("mknod"))?
+            }
+            Kind::Block { major, minor } => {
+                mknod(&dest, libc::S_IFBLK, *major, *minor).map_err(err("mknod"))?
+            }
             Kind::Fifo => mknod(&dest, libc::S_IFIFO, 0, 0).map_err(err("mkfifo"))?,
             Kind::Whiteout | Kind::Opaque => unreachable!("markers handled above"),
         }

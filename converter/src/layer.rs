@@ -117,6 +117,7 @@ pub fn convert_layer(
         // A stream error explains a parse error (a truncated gzip truncates the tar), so it wins.
         let stream = stream.map_err(|why| bad(None, why))?;
         let entries = parsed?;
+        let stream = stream.ok_or_else(|| bad(None, "tar parser stopped early".into()))?;
         let contents = written.map_err(|e| ConvertError::io(blob.path().display())(e))?;
 
         if let Some(want) = &expect.digest
@@ -130,7 +131,10 @@ pub fn convert_layer(
         if let Some(want) = &expect.diff_id
             && *want != stream.diff_id
         {
-            return Err(bad(None, format!("diffID mismatch: config says {want}, content is {}", stream.diff_id)));
+            return Err(bad(
+                None,
+                format!("diffID mismatch: config says {want}, content is {}", stream.diff_id),
+            ));
         }
         Ok(ConvertedLayer {
             toc: Toc { diff_id: stream.diff_id, entries },
@@ -167,19 +171,20 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// The decompressor stage. Errors are strings because they end up in a `BadLayer` anyway.
+/// Returns `None` when the parser stopped reading (it failed): there is no point going on.
 fn decompress(
     input: impl Read,
     expect: &Expect,
     opts: &Options,
     out: Sender<Vec<u8>>,
-) -> Result<StreamSums, String> {
+) -> Result<Option<StreamSums>, String> {
     let hashing = HashingReader { inner: input, hasher: Hasher::new(), count: 0 };
     let mut decoder: Box<dyn ReadInto<_>> = match expect.compression {
         Compression::None => Box::new(Plain(hashing)),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(hashing)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(hashing).map_err(|e| format!("zstd decoder: {e}"))?,
-        ),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(hashing).map_err(|e| format!("zstd decoder: {e}"))?)
+        }
     };
     let what = match expect.compression {
         Compression::None => "reading layer",
@@ -188,7 +193,6 @@ fn decompress(
     };
     let mut diff = Hasher::new();
     let mut total: u64 = 0;
-    let mut receiver_gone = false;
     loop {
         let mut buf = vec![0u8; PIPE_BUF];
         let n = read_full(&mut *decoder, &mut buf).map_err(|e| format!("{what}: {e}"))?;
@@ -204,20 +208,19 @@ fn decompress(
             ));
         }
         diff.update(&buf);
-        // The parser stops at the tar end-of-archive marker; the rest (padding) is still hashed.
-        if !receiver_gone && out.send(buf).is_err() {
-            receiver_gone = true;
+        if out.send(buf).is_err() {
+            return Ok(None);
         }
     }
     let mut hashing = decoder.into_hashing();
     // Bytes after the compressed stream's end are part of the blob digest too.
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| format!("reading layer: {e}"))?;
-    Ok(StreamSums {
+    Ok(Some(StreamSums {
         compressed_digest: hashing.hasher.finish(),
         compressed_size: hashing.count,
         diff_id: diff.finish(),
         uncompressed_size: total,
-    })
+    }))
 }
 
 /// A decoder that can give back the hashing reader underneath it.
@@ -374,7 +377,8 @@ fn parse_tar(
     let mut last_path: Vec<u8> = Vec::new();
     for item in iter {
         let mut e = item.map_err(|err| {
-            let after = (!last_path.is_empty()).then(|| format!(" (after entry {:?})", String::from_utf8_lossy(&last_path)));
+            let after = (!last_path.is_empty())
+                .then(|| format!(" (after entry {:?})", String::from_utf8_lossy(&last_path)));
             bad(None, format!("corrupt tar header{}: {err}", after.unwrap_or_default()))
         })?;
         let raw_path = e.path_bytes().into_owned();
@@ -433,7 +437,8 @@ fn parse_tar(
             }
             (None, tar::EntryType::Link) => {
                 let raw = e.link_name_bytes().ok_or_else(|| entry_err("hardlink without target".into()))?;
-                let target = path::normalize(&raw).map_err(|err| entry_err(format!("hardlink target: {err}")))?;
+                let target =
+                    path::normalize(&raw).map_err(|err| entry_err(format!("hardlink target: {err}")))?;
                 if target.is_empty() || target == norm {
                     return Err(entry_err("hardlink to the root or to itself".into()));
                 }
@@ -453,7 +458,9 @@ fn parse_tar(
                 }
             }
             (None, tar::EntryType::Fifo) => Kind::Fifo,
-            (None, other) => return Err(entry_err(format!("unsupported tar entry type {:?}", other.as_byte() as char))),
+            (None, other) => {
+                return Err(entry_err(format!("unsupported tar entry type {:?}", other.as_byte() as char)));
+            }
         };
         if entry_path.is_empty() && !matches!(kind, Kind::Dir | Kind::Opaque) {
             return Err(entry_err("only a directory may be the root".into()));
@@ -472,6 +479,9 @@ fn parse_tar(
             xattrs: meta.xattrs,
         });
     }
+    // Read past the end-of-archive marker so that the decompressor hashes the padding too.
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink())
+        .map_err(|e| bad(None, format!("reading after the end of the tar: {e}")))?;
     Ok(entries)
 }
 
@@ -550,7 +560,9 @@ impl Meta {
                         xattrs.push((name.to_vec(), value.to_vec()));
                     }
                     k if k.starts_with(b"GNU.sparse.") => {
-                        return Err("PAX-format sparse files are not supported; use GNU sparse headers".into());
+                        return Err(
+                            "PAX-format sparse files are not supported; use GNU sparse headers".into()
+                        );
                     }
                     _ => {}
                 }

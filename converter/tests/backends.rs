@@ -119,7 +119,7 @@ async fn index_contract(index: &impl Index) {
     let digests: Vec<Digest> = (0..CONTENTS).map(|i| digest("content", i)).collect();
     // Every third content is missing; the rest are written in two calls, the second of which
     // tries to move contents the first already placed.
-    let present = |i: usize| i % 3 != 0;
+    let present = |i: usize| !i.is_multiple_of(3);
     let first: Vec<(Digest, ContentLocation)> =
         (0..CONTENTS).filter(|&i| present(i) && i < 2000).map(|i| (digests[i], location(i, 1))).collect();
     index.put_contents(&first).await.unwrap();
@@ -222,12 +222,12 @@ async fn s3_and_redis() {
     root.put_bytes("x/y", Bytes::from_static(b"z")).await.unwrap();
     assert_eq!(root.get("x/y", 1).await.unwrap(), &b"z"[..]);
     // A missing bucket is a setup error, never "object not found".
-    let (ak, sk) = (s3.access_key(), s3.secret_key());
-    let nobucket = S3Store::with_config("no-such-bucket", "", &s3.endpoint(), ak, sk, S3Server::REGION);
+    let (ak, sk, endpoint) = (s3.access_key(), s3.secret_key(), s3.endpoint());
+    let nobucket = S3Store::with_config("no-such-bucket", "", &endpoint, ak, sk, S3Server::REGION);
     let err = nobucket.await.unwrap().get("x", 1).await.unwrap_err();
     assert!(matches!(err, StoreError::S3 { .. }), "{err}");
     // Wrong credentials are refused (the server checks signatures) with the server's reason.
-    let forged = S3Store::with_config("starlight-test", "", &s3.endpoint(), ak, "wrong", S3Server::REGION);
+    let forged = S3Store::with_config("starlight-test", "", &endpoint, ak, "wrong", S3Server::REGION);
     let err = forged.await.unwrap().size("x").await.unwrap_err();
     eprintln!("forged signature: {err}");
     assert!(matches!(err, StoreError::S3 { .. }), "{err}");
@@ -264,6 +264,14 @@ async fn dead_servers_fail_fast() {
     assert!(matches!(err, IndexError::Backend { backend: "redis", .. }), "{err}");
     eprintln!("dead redis: {err} after {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(15));
+
+    // A wedged server: the kernel completes the TCP handshake, nothing ever answers.
+    let wedged = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let started = Instant::now();
+    let url = format!("redis://{}", wedged.local_addr().unwrap());
+    let err = RedisIndex::single(&url).await.unwrap_err();
+    eprintln!("wedged redis: {err} after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(20));
 
     let started = Instant::now();
     let endpoint = format!("http://127.0.0.1:{}", free_port());

@@ -41,24 +41,38 @@ async fn fidelity(b: &Backend, work: &std::path::Path) -> Vec<u8> {
     let tree = work.join("tree-v1");
     build_tree(&tree, 0);
     let mut pax_tar = Vec::new();
-    for ((format, tar_path), compression) in make_tars(&tree, work).into_iter().zip([Compression::Gzip, Compression::Zstd]) {
+    for ((format, tar_path), compression) in
+        make_tars(&tree, work).into_iter().zip([Compression::Gzip, Compression::Zstd])
+    {
         let tar = std::fs::read(&tar_path).unwrap();
         let blob = compress(&tar, compression);
-        let outcome = convert(&b.conv, blob.clone(), expect(&format, compression, &blob, &tar)).await.unwrap();
+        let outcome =
+            convert(&b.conv, blob.clone(), expect(&format, compression, &blob, &tar)).await.unwrap();
         assert!(outcome.converted);
         let ours = work.join(format!("ours-{format}"));
         let reference = work.join(format!("ref-{format}"));
         std::fs::create_dir_all(&ours).unwrap();
         std::fs::create_dir_all(&reference).unwrap();
         let toc = extract(&b.conv, &outcome, &ours).await;
-        gnu_tar(&["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", tar_path.to_str().unwrap(), "-C", reference.to_str().unwrap()]);
+        gnu_tar(&[
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-xpf",
+            tar_path.to_str().unwrap(),
+            "-C",
+            reference.to_str().unwrap(),
+        ]);
         assert_same_tree(&reference, &ours, TreeOptions::default());
 
         // The TOC names whiteouts and opaque directories by what they hide.
         assert!(toc.entries.iter().any(|e| e.kind == Kind::Whiteout && e.path == b"removed"), "{format}");
         assert!(toc.entries.iter().any(|e| e.kind == Kind::Opaque && e.path == b"opaque"), "{format}");
         let big = toc.entries.iter().find(|e| e.path == b"usr/lib/big.bin").unwrap();
-        assert_eq!(big.kind, Kind::File { size: 9 << 20 | 12345, digest: Some(Digest::of(&noise(9 << 20 | 12345, 7))) });
+        assert_eq!(
+            big.kind,
+            Kind::File { size: 9 << 20 | 12345, digest: Some(Digest::of(&noise(9 << 20 | 12345, 7))) }
+        );
         if format == "pax" {
             pax_tar = tar;
             let hello = toc.entries.iter().find(|e| e.path == b"etc/hello").unwrap();
@@ -76,7 +90,8 @@ async fn dedup_and_skip(b: &Backend, work: &std::path::Path, v1_tar: &[u8]) {
 
     // The same layer again, compressed differently: same diffID, so not converted again.
     let blob = compress(v1_tar, Compression::None);
-    let again = convert(&b.conv, blob.clone(), expect("v1-again", Compression::None, &blob, v1_tar)).await.unwrap();
+    let again =
+        convert(&b.conv, blob.clone(), expect("v1-again", Compression::None, &blob, v1_tar)).await.unwrap();
     assert!(!again.converted, "a layer with a known diffID must not be converted again");
     assert_eq!(again.record, v1);
 
@@ -84,7 +99,17 @@ async fn dedup_and_skip(b: &Backend, work: &std::path::Path, v1_tar: &[u8]) {
     let tree = work.join("tree-v2");
     build_tree(&tree, 1);
     let v2_tar_path = work.join("v2.tar");
-    gnu_tar(&["--format=pax", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-cf", v2_tar_path.to_str().unwrap(), "-C", tree.to_str().unwrap(), "."]);
+    gnu_tar(&[
+        "--format=pax",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--numeric-owner",
+        "-cf",
+        v2_tar_path.to_str().unwrap(),
+        "-C",
+        tree.to_str().unwrap(),
+        ".",
+    ]);
     let v2_tar = std::fs::read(&v2_tar_path).unwrap();
     let blob = compress(&v2_tar, Compression::Gzip);
     let v2 = convert(&b.conv, blob.clone(), expect("v2", Compression::Gzip, &blob, &v2_tar)).await.unwrap();
@@ -107,9 +132,12 @@ async fn dedup_and_skip(b: &Backend, work: &std::path::Path, v1_tar: &[u8]) {
         .filter(|(_, l)| Some(l.as_ref().unwrap().blob) == v2.record.blob)
         .map(|(d, _)| *d)
         .collect();
-    let expected: HashSet<Digest> = [Digest::of(b"variant 1\n"), Digest::of(b"kept 1\n")].into_iter().collect();
+    let expected: HashSet<Digest> =
+        [Digest::of(b"variant 1\n"), Digest::of(b"kept 1\n")].into_iter().collect();
     assert_eq!(in_v2, expected, "v2's blob holds exactly the two new contents");
-    let big = locs[digests.iter().position(|d| *d == Digest::of(&noise(9 << 20 | 12345, 7))).unwrap()].as_ref().unwrap();
+    let big = locs[digests.iter().position(|d| *d == Digest::of(&noise(9 << 20 | 12345, 7))).unwrap()]
+        .as_ref()
+        .unwrap();
     // The PAX layer has the same contents as the GNU layer converted before it: it stored nothing.
     assert_eq!(v1.blob, None, "contents already stored by another layer are not stored again");
     assert_ne!(Some(big.blob), v2.record.blob, "unchanged contents stay where they were first stored");
@@ -198,19 +226,86 @@ async fn bad_input_publishes_nothing(b: &Backend) {
         want: &'static str,
         small: bool,
     }
-    let plain = |name, tar: Vec<u8>, want| Case { name, blob: tar.clone(), tar, compression: Compression::None, digest: None, diff_id: None, want, small: false };
+    let plain = |name, tar: Vec<u8>, want| Case {
+        name,
+        blob: tar.clone(),
+        tar,
+        compression: Compression::None,
+        digest: None,
+        diff_id: None,
+        want,
+        small: false,
+    };
     let cases = vec![
         plain("dotdot", one(b"../escape", b'0'), "entry \"../escape\": invalid path"),
         plain("absolute", one(b"/etc/passwd", b'0'), "entry \"/etc/passwd\": invalid path"),
-        plain("hardlink-out", one(b"link", b'1'), "entry \"link\": hardlink target: invalid path \"../../etc/shadow\""),
+        plain(
+            "hardlink-out",
+            one(b"link", b'1'),
+            "entry \"link\": hardlink target: invalid path \"../../etc/shadow\"",
+        ),
         plain("duplicate", dup, "entry \"./a\": duplicate path"),
         plain("bad-header", corrupt_header, "corrupt tar header (after entry \"ok\")"),
-        Case { name: "truncated-gz", blob: gz[..gz.len() / 2].to_vec(), tar: good.clone(), compression: Compression::Gzip, digest: None, diff_id: None, want: "gzip", small: false },
-        Case { name: "corrupt-gz", blob: flipped_gz, tar: good.clone(), compression: Compression::Gzip, digest: None, diff_id: None, want: "gzip", small: false },
-        Case { name: "bomb", blob: bomb, tar: Vec::new(), compression: Compression::Gzip, digest: None, diff_id: None, want: "decompression bomb", small: true },
-        Case { name: "too-many", tar: many.clone(), blob: many, compression: Compression::None, digest: None, diff_id: None, want: "more than 10 entries", small: true },
-        Case { name: "digest", tar: good.clone(), blob: gz.clone(), compression: Compression::Gzip, digest: Some(Digest::of(b"other")), diff_id: None, want: "blob digest mismatch", small: false },
-        Case { name: "diffid", tar: good.clone(), blob: gz.clone(), compression: Compression::Gzip, digest: None, diff_id: Some(Digest::of(b"other")), want: "diffID mismatch", small: false },
+        Case {
+            name: "truncated-gz",
+            blob: gz[..gz.len() / 2].to_vec(),
+            tar: good.clone(),
+            compression: Compression::Gzip,
+            digest: None,
+            diff_id: None,
+            want: "gzip",
+            small: false,
+        },
+        Case {
+            name: "corrupt-gz",
+            blob: flipped_gz,
+            tar: good.clone(),
+            compression: Compression::Gzip,
+            digest: None,
+            diff_id: None,
+            want: "gzip",
+            small: false,
+        },
+        Case {
+            name: "bomb",
+            blob: bomb,
+            tar: Vec::new(),
+            compression: Compression::Gzip,
+            digest: None,
+            diff_id: None,
+            want: "decompression bomb",
+            small: true,
+        },
+        Case {
+            name: "too-many",
+            tar: many.clone(),
+            blob: many,
+            compression: Compression::None,
+            digest: None,
+            diff_id: None,
+            want: "more than 10 entries",
+            small: true,
+        },
+        Case {
+            name: "digest",
+            tar: good.clone(),
+            blob: gz.clone(),
+            compression: Compression::Gzip,
+            digest: Some(Digest::of(b"other")),
+            diff_id: None,
+            want: "blob digest mismatch",
+            small: false,
+        },
+        Case {
+            name: "diffid",
+            tar: good.clone(),
+            blob: gz.clone(),
+            compression: Compression::Gzip,
+            digest: None,
+            diff_id: Some(Digest::of(b"other")),
+            want: "diffID mismatch",
+            small: false,
+        },
     ];
     for case in cases {
         let conv = if case.small { &small } else { &b.conv };
@@ -221,7 +316,11 @@ async fn bad_input_publishes_nothing(b: &Backend) {
             diff_id: case.diff_id,
         };
         let err = convert(conv, case.blob, expect).await.expect_err(case.name).to_string();
-        assert!(err.contains(&format!("layer layer-{}", case.name)), "{}: error does not name the layer: {err}", case.name);
+        assert!(
+            err.contains(&format!("layer layer-{}", case.name)),
+            "{}: error does not name the layer: {err}",
+            case.name
+        );
         assert!(err.contains(case.want), "{}: error {err:?} lacks {:?}", case.name, case.want);
         if !case.tar.is_empty() {
             let published = b.conv.index.get_layer(&Digest::of(&case.tar)).await.unwrap();
@@ -243,6 +342,9 @@ async fn bad_input_publishes_nothing(b: &Backend) {
     h.set_cksum();
     t.write_all(h.as_bytes()).unwrap();
     let t = finish(t);
-    let err = convert(&b.conv, t.clone(), expect("dirlink", Compression::None, &t, &t)).await.unwrap_err().to_string();
+    let err = convert(&b.conv, t.clone(), expect("dirlink", Compression::None, &t, &t))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("hardlink to a directory"), "{err}");
 }

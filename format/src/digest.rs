@@ -86,10 +86,7 @@ mod tests {
     fn parses_and_prints() {
         let d = Digest::empty();
         let s = d.to_string();
-        assert_eq!(
-            s,
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(s, "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(s.parse::<Digest>().unwrap(), d);
     }
 

@@ -16,8 +16,7 @@ pub mod wire;
 
 pub use digest::{Digest, Hasher};
 pub use records::{
-    CHUNK_SIZE, ContentLocation, Frame, ImageLayer, ImageRecord, LayerRecord, Platform, blob_key,
-    toc_key,
+    CHUNK_SIZE, ContentLocation, Frame, ImageLayer, ImageRecord, LayerRecord, Platform, blob_key, toc_key,
 };
 pub use toc::{Entry, Kind, Toc};
 

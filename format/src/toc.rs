@@ -44,13 +44,26 @@ pub struct Entry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// A regular file. `digest` is `None` exactly when `size` is 0: empty contents are never stored.
-    File { size: u64, digest: Option<Digest> },
+    File {
+        size: u64,
+        digest: Option<Digest>,
+    },
     Dir,
-    Symlink { target: Vec<u8> },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// A hard link to `target`, a normalized path in this layer or a lower one.
-    Hardlink { target: Vec<u8> },
-    Char { major: u32, minor: u32 },
-    Block { major: u32, minor: u32 },
+    Hardlink {
+        target: Vec<u8>,
+    },
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     /// An OCI whiteout (`.wh.NAME`): `path` is deleted from the layers below.
     Whiteout,

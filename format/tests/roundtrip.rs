@@ -195,10 +195,7 @@ fn records_golden_file() {
 fn rejects_wrong_version_and_magic() {
     let mut bytes = golden_toc().encode();
     bytes[6] = 2;
-    assert_eq!(
-        Toc::decode(&bytes),
-        Err(FormatError::UnsupportedVersion { what: "TOC", version: 2 })
-    );
+    assert_eq!(Toc::decode(&bytes), Err(FormatError::UnsupportedVersion { what: "TOC", version: 2 }));
     bytes[0] = b'X';
     assert_eq!(Toc::decode(&bytes), Err(FormatError::BadMagic { what: "TOC" }));
 }

@@ -50,7 +50,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STARLIGHT_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STARLIGHT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Args::parse()).await {
@@ -76,7 +78,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let source = Source::parse(
         &args.source,
-        SourceOptions { plain_http: args.plain_http, credentials: args.creds, platform: args.platform, name: args.name },
+        SourceOptions {
+            plain_http: args.plain_http,
+            credentials: args.creds,
+            platform: args.platform,
+            name: args.name,
+        },
     )?;
     let out = Converter::new(store, index, options).convert(&source).await?;
     let converted = out.layers.iter().filter(|l| l.converted).count();

@@ -44,8 +44,7 @@ impl RedbIndex {
     pub fn open(path: impl AsRef<Path>) -> Result<RedbIndex, IndexError> {
         let path = path.as_ref();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| backend("create directory")(redb::Error::Io(e)))?;
+            std::fs::create_dir_all(parent).map_err(|e| backend("create directory")(redb::Error::Io(e)))?;
         }
         let db = Database::create(path).map_err(|e| backend("open")(e.into()))?;
         // Create the tables once so that readers never see "table does not exist".
@@ -65,9 +64,11 @@ impl RedbIndex {
         f: impl FnOnce(&Database) -> Result<T, IndexError> + Send + 'static,
     ) -> Result<T, IndexError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| IndexError::Backend { backend: "redb", op: "task", source: Box::new(e) })?
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(|e| IndexError::Backend {
+            backend: "redb",
+            op: "task",
+            source: Box::new(e),
+        })?
     }
 
     async fn get_one(
@@ -177,8 +178,10 @@ impl Index for RedbIndex {
             let tx = db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
             let t = tx.open_table(TAGS).map_err(|e| backend("open table")(e.into()))?;
             let v = t.get(key.as_str()).map_err(|e| backend("get")(e.into()))?;
-            v.map(|g| g.value().parse::<Digest>().map_err(|source| IndexError::Corrupt { key: key.clone(), source }))
-                .transpose()
+            v.map(|g| {
+                g.value().parse::<Digest>().map_err(|source| IndexError::Corrupt { key: key.clone(), source })
+            })
+            .transpose()
         })
         .await
     }

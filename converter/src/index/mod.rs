@@ -27,7 +27,9 @@ pub enum IndexError {
         #[source]
         source: FormatError,
     },
-    #[error("invalid index specification {0:?}: expected a file, redis://HOST:PORT or redis+cluster://HOST:PORT,...")]
+    #[error(
+        "invalid index specification {0:?}: expected a file, redis://HOST:PORT or redis+cluster://HOST:PORT,..."
+    )]
     BadSpec(String),
 }
 
@@ -44,12 +46,22 @@ pub trait Index: Send + Sync {
         &self,
         items: &[(Digest, ContentLocation)],
     ) -> impl Future<Output = Result<(), IndexError>> + Send;
-    fn get_layer(&self, diff_id: &Digest) -> impl Future<Output = Result<Option<LayerRecord>, IndexError>> + Send;
+    fn get_layer(
+        &self,
+        diff_id: &Digest,
+    ) -> impl Future<Output = Result<Option<LayerRecord>, IndexError>> + Send;
     fn put_layer(&self, rec: &LayerRecord) -> impl Future<Output = Result<(), IndexError>> + Send;
-    fn get_image(&self, manifest: &Digest) -> impl Future<Output = Result<Option<ImageRecord>, IndexError>> + Send;
+    fn get_image(
+        &self,
+        manifest: &Digest,
+    ) -> impl Future<Output = Result<Option<ImageRecord>, IndexError>> + Send;
     /// Publishes an image: its record, then `name:tag` pointing at it when the record has a tag.
     fn put_image(&self, rec: &ImageRecord) -> impl Future<Output = Result<(), IndexError>> + Send;
-    fn resolve_tag(&self, name: &str, tag: &str) -> impl Future<Output = Result<Option<Digest>, IndexError>> + Send;
+    fn resolve_tag(
+        &self,
+        name: &str,
+        tag: &str,
+    ) -> impl Future<Output = Result<Option<Digest>, IndexError>> + Send;
 }
 
 /// The index chosen on the command line, by enum dispatch.

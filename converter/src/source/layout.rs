@@ -28,13 +28,20 @@ impl LayoutSource {
             _ => (rest, None),
         };
         if dir.is_empty() {
-            return Err(ConvertError::BadImage { image: rest.into(), why: "empty OCI layout directory".into() });
+            return Err(ConvertError::BadImage {
+                image: rest.into(),
+                why: "empty OCI layout directory".into(),
+            });
         }
         Ok(LayoutSource { dir: PathBuf::from(dir), tag, opts })
     }
 
     pub(super) fn describe(&self) -> String {
-        format!("oci:{}{}", self.dir.display(), self.tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default())
+        format!(
+            "oci:{}{}",
+            self.dir.display(),
+            self.tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default()
+        )
     }
 
     pub(super) fn name(&self) -> String {
@@ -52,17 +59,23 @@ impl LayoutSource {
         self.dir.join("blobs").join("sha256").join(d.hex())
     }
 
-    pub(super) async fn top_manifest(&self) -> Result<(Vec<u8>, Option<String>, Option<Digest>), ConvertError> {
+    pub(super) async fn top_manifest(
+        &self,
+    ) -> Result<(Vec<u8>, Option<String>, Option<Digest>), ConvertError> {
         let index_path = self.dir.join("index.json");
-        let raw = tokio::fs::read(&index_path).await.map_err(|e| self.err(format!("{}: {e}", index_path.display())))?;
-        let index: IndexJson =
-            serde_json::from_slice(&raw).map_err(|e| self.err(format!("index.json is not a valid OCI index: {e}")))?;
+        let raw = tokio::fs::read(&index_path)
+            .await
+            .map_err(|e| self.err(format!("{}: {e}", index_path.display())))?;
+        let index: IndexJson = serde_json::from_slice(&raw)
+            .map_err(|e| self.err(format!("index.json is not a valid OCI index: {e}")))?;
         let pick = match &self.tag {
             Some(tag) => index.manifests.iter().find(|d| ref_name(d) == Some(tag.as_str())),
             None if index.manifests.len() == 1 => index.manifests.first(),
             None => return Err(self.err("the layout holds several images: name a tag (oci:DIR:TAG)".into())),
         };
-        let pick = pick.ok_or_else(|| self.err(format!("no image tagged {:?} in index.json", self.tag.as_deref().unwrap_or(""))))?;
+        let pick = pick.ok_or_else(|| {
+            self.err(format!("no image tagged {:?} in index.json", self.tag.as_deref().unwrap_or("")))
+        })?;
         let digest: Digest = pick.digest.parse().map_err(|e| self.err(format!("index.json: {e}")))?;
         let bytes = self.blob_bytes(&digest, super::MAX_MANIFEST).await?;
         Ok((bytes, pick.media_type.clone(), Some(digest)))

@@ -108,12 +108,10 @@ pub fn compression_of(media_type: &str) -> Option<Compression> {
     let base = media_type.replace(".nondistributable", "");
     match base.as_str() {
         "application/vnd.oci.image.layer.v1.tar" => Some(Compression::None),
-        "application/vnd.oci.image.layer.v1.tar+gzip" | "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
-            Some(Compression::Gzip)
-        }
-        "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.docker.image.rootfs.diff.tar.zstd" => {
-            Some(Compression::Zstd)
-        }
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
         _ => None,
     }
 }
@@ -207,7 +205,8 @@ impl Source {
         let mut manifest: ManifestJson = parse_json(&bytes).map_err(|e| bad(format!("manifest: {e}")))?;
         for _hop in 0..2 {
             let mt = media_type.clone().or(manifest.media_type.clone()).unwrap_or_default();
-            let is_index = mt == OCI_INDEX || mt == DOCKER_LIST || (mt.is_empty() && manifest.manifests.is_some());
+            let is_index =
+                mt == OCI_INDEX || mt == DOCKER_LIST || (mt.is_empty() && manifest.manifests.is_some());
             if !is_index {
                 break;
             }
@@ -217,7 +216,10 @@ impl Source {
                     .iter()
                     .filter_map(|d| d.platform.as_ref().map(|p| platform_of(p).to_string()))
                     .collect();
-                bad(format!("no manifest for platform {want_platform} in the index (has: {})", have.join(", ")))
+                bad(format!(
+                    "no manifest for platform {want_platform} in the index (has: {})",
+                    have.join(", ")
+                ))
             })?;
             let d: Digest = pick.digest.parse().map_err(|e| bad(format!("index entry: {e}")))?;
             chosen_platform = pick.platform.as_ref().map(platform_of);
@@ -230,7 +232,8 @@ impl Source {
             media_type = t.or(pick.media_type.clone());
             manifest = parse_json(&bytes).map_err(|e| bad(format!("manifest {d}: {e}")))?;
         }
-        let media_type = media_type.or(manifest.media_type.clone()).unwrap_or_else(|| OCI_MANIFEST.to_string());
+        let media_type =
+            media_type.or(manifest.media_type.clone()).unwrap_or_else(|| OCI_MANIFEST.to_string());
         if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
             return Err(bad(format!("unsupported manifest media type {media_type:?}")));
         }
@@ -239,7 +242,8 @@ impl Source {
         }
         let config_desc = manifest.config.as_ref().ok_or_else(|| bad("manifest has no config".into()))?;
         let config_digest: Digest = config_desc.digest.parse().map_err(|e| bad(format!("config: {e}")))?;
-        let config = self.blob_bytes(&config_digest, MAX_MANIFEST.max(config_desc.size.min(16 << 20))).await?;
+        let config =
+            self.blob_bytes(&config_digest, MAX_MANIFEST.max(config_desc.size.min(16 << 20))).await?;
         if Digest::of(&config) != config_digest {
             return Err(bad(format!("config {config_digest} does not match its digest")));
         }
@@ -263,7 +267,11 @@ impl Source {
         }
         let platform = chosen_platform.unwrap_or(Platform {
             os: if cfg.os.is_empty() { "linux".into() } else { cfg.os.clone() },
-            architecture: if cfg.architecture.is_empty() { want_platform.architecture.clone() } else { cfg.architecture.clone() },
+            architecture: if cfg.architecture.is_empty() {
+                want_platform.architecture.clone()
+            } else {
+                cfg.architecture.clone()
+            },
             variant: cfg.variant.clone(),
         });
         Ok(ResolvedImage {

@@ -61,7 +61,9 @@ impl RegistrySource {
         let valid = |s: &str| {
             !s.is_empty()
                 && s.split('/').all(|c| {
-                    !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                    !c.is_empty()
+                        && c.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
                 })
         };
         if host.is_empty() || !valid(repo) {
@@ -101,7 +103,12 @@ impl RegistrySource {
     }
 
     /// GETs `url`, answering one auth challenge if the registry sends one.
-    async fn get(&self, url: &str, accept: Option<&str>, what: &str) -> Result<reqwest::Response, ConvertError> {
+    async fn get(
+        &self,
+        url: &str,
+        accept: Option<&str>,
+        what: &str,
+    ) -> Result<reqwest::Response, ConvertError> {
         for attempt in 0..2 {
             let mut req = self.http.get(url);
             if let Some(a) = accept {
@@ -113,7 +120,12 @@ impl RegistrySource {
             }
             let resp = req.send().await.map_err(|e| self.err(what, format!("{url}: {}", error_chain(&e))))?;
             if resp.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
-                let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
                 let value = self.answer_challenge(&challenge, what).await?;
                 if let Ok(mut g) = self.auth.lock() {
                     *g = Some(value);
@@ -124,7 +136,10 @@ impl RegistrySource {
                 let status = resp.status();
                 let body = resp.text().await.unwrap_or_default();
                 let hint = if status == StatusCode::UNAUTHORIZED { " (check --creds)" } else { "" };
-                return Err(self.err(what, format!("{url}: HTTP {status}{hint}: {}", body.chars().take(300).collect::<String>())));
+                return Err(self.err(
+                    what,
+                    format!("{url}: HTTP {status}{hint}: {}", body.chars().take(300).collect::<String>()),
+                ));
             }
             return Ok(resp);
         }
@@ -138,17 +153,26 @@ impl RegistrySource {
             use base64_encode as b64;
             format!("Basic {}", b64(format!("{}:{}", c.username, c.password).as_bytes()))
         };
-        let header = |s: String| HeaderValue::from_str(&s).map_err(|_| self.err(what, "credentials are not a valid header"));
+        let header = |s: String| {
+            HeaderValue::from_str(&s).map_err(|_| self.err(what, "credentials are not a valid header"))
+        };
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => match creds {
                 Some(c) => header(basic(c)),
-                None => Err(self.err(what, "the registry requires credentials (HTTP 401, Basic); pass --creds USER:PASSWORD")),
+                None => Err(self.err(
+                    what,
+                    "the registry requires credentials (HTTP 401, Basic); pass --creds USER:PASSWORD",
+                )),
             },
             "bearer" => {
-                let realm = params.iter().find(|(k, _)| k == "realm").map(|(_, v)| v.clone())
+                let realm = params
+                    .iter()
+                    .find(|(k, _)| k == "realm")
+                    .map(|(_, v)| v.clone())
                     .ok_or_else(|| self.err(what, "bearer challenge without realm"))?;
                 let mut req = self.http.get(&realm);
-                let mut query: Vec<(String, String)> = params.iter().filter(|(k, _)| k == "service" || k == "scope").cloned().collect();
+                let mut query: Vec<(String, String)> =
+                    params.iter().filter(|(k, _)| k == "service" || k == "scope").cloned().collect();
                 if !query.iter().any(|(k, _)| k == "scope") {
                     query.push(("scope".into(), format!("repository:{}:pull", self.repo)));
                 }
@@ -156,7 +180,10 @@ impl RegistrySource {
                 if let Some(c) = creds {
                     req = req.header(AUTHORIZATION, basic(c));
                 }
-                let resp = req.send().await.map_err(|e| self.err(what, format!("token service {realm}: {}", error_chain(&e))))?;
+                let resp = req
+                    .send()
+                    .await
+                    .map_err(|e| self.err(what, format!("token service {realm}: {}", error_chain(&e))))?;
                 if !resp.status().is_success() {
                     return Err(self.err(what, format!("token service {realm}: HTTP {}", resp.status())));
                 }
@@ -167,8 +194,12 @@ impl RegistrySource {
                     #[serde(default)]
                     access_token: Option<String>,
                 }
-                let t: Token = resp.json().await.map_err(|e| self.err(what, format!("token service {realm}: {e}")))?;
-                let token = t.token.or(t.access_token).ok_or_else(|| self.err(what, "token service returned no token"))?;
+                let t: Token =
+                    resp.json().await.map_err(|e| self.err(what, format!("token service {realm}: {e}")))?;
+                let token = t
+                    .token
+                    .or(t.access_token)
+                    .ok_or_else(|| self.err(what, "token service returned no token"))?;
                 header(format!("Bearer {token}"))
             }
             _ => Err(self.err(what, format!("HTTP 401 with unsupported challenge {challenge:?}"))),
@@ -272,7 +303,9 @@ fn base64_encode(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
@@ -290,7 +323,9 @@ mod tests {
 
     #[test]
     fn challenges() {
-        let (s, p) = parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#);
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
         assert_eq!(s, "Bearer");
         assert_eq!(p[0], ("realm".into(), "https://auth.example/token".into()));
         assert_eq!(p[2], ("scope".into(), "repository:a/b:pull,push".into()));
@@ -308,7 +343,10 @@ mod tests {
     #[test]
     fn parses_references() {
         let r = RegistrySource::parse("127.0.0.1:5000/library/redis:7", SourceOptions::default()).unwrap();
-        assert_eq!((r.host.as_str(), r.repo.as_str(), r.tag.as_deref()), ("127.0.0.1:5000", "library/redis", Some("7")));
+        assert_eq!(
+            (r.host.as_str(), r.repo.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5000", "library/redis", Some("7"))
+        );
         let r = RegistrySource::parse("h/x", SourceOptions::default()).unwrap();
         assert_eq!(r.tag.as_deref(), Some("latest"));
         assert!(RegistrySource::parse("h/X:1", SourceOptions::default()).is_err());

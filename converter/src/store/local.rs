@@ -54,7 +54,11 @@ impl LocalStore {
     }
 
     /// Writes through a temporary file, then fsync, rename, and fsync of the directory.
-    fn put_with(&self, key: &str, fill: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<(), StoreError> {
+    fn put_with(
+        &self,
+        key: &str,
+        fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> Result<(), StoreError> {
         let dest = self.path_of(key)?;
         let tmp_dir = self.root.join(".tmp");
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(self.io(key, &tmp_dir))?;

@@ -7,7 +7,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{
     BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
@@ -62,7 +62,7 @@ fn is_not_found<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> boo
 }
 
 /// Flattens an SDK error into one line: its own `Display` says only "service error" or "dispatch
-/// failure", which is useless on a terminal.
+/// failure", and `DisplayErrorContext` appends a long `Debug` dump.
 fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
     op: &'static str,
     key: &str,
@@ -70,14 +70,24 @@ fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
 ) -> StoreError {
     let detail = match &err {
         SdkError::ServiceError(e) => {
-            let code = e.err().code().unwrap_or("unknown error");
             let status = e.raw().status().as_u16();
-            match e.err().message() {
-                Some(m) => format!("{code} (HTTP {status}): {m}"),
-                None => format!("{code} (HTTP {status})"),
+            match (e.err().code(), e.err().message()) {
+                (Some(code), Some(m)) => format!("{code} (HTTP {status}): {m}"),
+                (Some(code), None) => format!("{code} (HTTP {status})"),
+                // HEAD responses carry no error body.
+                (None, _) if status == 403 => format!("HTTP {status}: access denied (credentials?)"),
+                (None, _) => format!("HTTP {status}"),
             }
         }
-        _ => DisplayErrorContext(&err).to_string(),
+        _ => {
+            let mut chain = err.to_string();
+            let mut next = std::error::Error::source(&err);
+            while let Some(e) = next {
+                chain = format!("{chain}: {e}");
+                next = e.source();
+            }
+            chain
+        }
     };
     s3_other(op, key, detail)
 }
@@ -209,7 +219,7 @@ impl S3Store {
                 // Abort, or the parts already sent keep costing storage until a lifecycle rule runs.
                 let req = self.client.abort_multipart_upload().bucket(&self.bucket).key(full);
                 if let Err(e) = req.upload_id(&upload_id).send().await {
-                    warn!(key, upload_id, error = %DisplayErrorContext(&e), "could not abort multipart upload");
+                    warn!(key, upload_id, error = %s3_error("abort multipart upload", key, e), "could not abort multipart upload");
                 }
                 Err(e)
             }
@@ -277,8 +287,7 @@ async fn read_capped(
 ) -> Result<Bytes, StoreError> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| s3_other(op, key, format!("reading body: {}", DisplayErrorContext(&e))))?;
+        let chunk = chunk.map_err(|e| s3_other(op, key, format!("reading body: {e}")))?;
         if (buf.len() + chunk.len()) as u64 > max {
             return Err(s3_other(op, key, format!("response body exceeds the {max}-byte limit")));
         }
@@ -361,7 +370,7 @@ impl ObjectStore for S3Store {
             Err(e) if is_not_found(&e) => return Err(StoreError::NotFound { key: key.to_string() }),
             Err(e) => return Err(s3_error("get", key, e)),
         };
-        if let Some(n) = resp.content_length().filter(|&n| n > 0).map(|n| n as u64)
+        if let Some(n) = resp.content_length().and_then(|n| u64::try_from(n).ok())
             && n > max
         {
             return Err(s3_other("get", key, format!("object is {n} bytes, over the {max}-byte limit")));

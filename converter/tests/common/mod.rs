@@ -36,9 +36,16 @@ pub async fn local_redb() -> Backend {
 }
 
 async fn s3_store(s3: &S3Server) -> AnyStore {
-    let store = S3Store::with_config("starlight", "test", &s3.endpoint(), s3.access_key(), s3.secret_key(), "us-east-1")
-        .await
-        .unwrap();
+    let store = S3Store::with_config(
+        "starlight",
+        "test",
+        &s3.endpoint(),
+        s3.access_key(),
+        s3.secret_key(),
+        "us-east-1",
+    )
+    .await
+    .unwrap();
     store.ensure_bucket().await.unwrap();
     AnyStore::S3(store)
 }
@@ -75,7 +82,9 @@ fn cpath(p: &Path) -> CString {
 
 fn set_mtime(p: &Path, sec: i64, nsec: i64) {
     let ts = libc::timespec { tv_sec: sec, tv_nsec: nsec };
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), [ts, ts].as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), [ts, ts].as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+    };
     assert_eq!(rc, 0, "utimensat {}", p.display());
 }
 
@@ -227,7 +236,11 @@ pub fn expect(name: &str, compression: Compression, blob: &[u8], tar: &[u8]) -> 
 }
 
 /// Converts `blob` and publishes it.
-pub async fn convert(conv: &Conv, blob: Vec<u8>, expect: Expect) -> Result<LayerOutcome, starlight_converter::ConvertError> {
+pub async fn convert(
+    conv: &Conv,
+    blob: Vec<u8>,
+    expect: Expect,
+) -> Result<LayerOutcome, starlight_converter::ConvertError> {
     conv.convert_layer_from(std::io::Cursor::new(blob), expect).await
 }
 
@@ -243,7 +256,8 @@ pub async fn extract(conv: &Conv, outcome: &LayerOutcome, dir: &Path) -> Toc {
         })
         .collect();
     let locs = conv.index.get_contents(&digests).await.unwrap();
-    let map: HashMap<Digest, _> = digests.iter().copied().zip(locs.into_iter().map(|l| l.expect("every content is indexed"))).collect();
+    let map: HashMap<Digest, _> =
+        digests.iter().copied().zip(locs.into_iter().map(|l| l.expect("every content is indexed"))).collect();
     let store = conv.store.clone();
     let (toc2, dir2) = (toc.clone(), dir.to_path_buf());
     let handle = tokio::runtime::Handle::current();

@@ -1,0 +1,172 @@
+//! `starlight-bench`: benchmarks that print ratios measured side by side in one run.
+//!
+//! - `convert`: conversion throughput of each layer of an image vs `gzip -dc` of the same layer
+//!   (the decompression a plain pull pays anyway), and stored size vs the original layers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use starlight_converter::index::RedbIndex;
+use starlight_converter::layer::{Compression, Expect, Options};
+use starlight_converter::store::LocalStore;
+use starlight_converter::{AnyIndex, AnyStore, Converter};
+use starlight_format::Digest;
+
+#[derive(Parser, Debug)]
+#[command(about = "Starlight benchmarks")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Conversion throughput and stored size vs gzip, per layer of an OCI layout image.
+    Convert {
+        /// OCI image layout directory.
+        #[arg(long)]
+        layout: PathBuf,
+        /// Tag in the layout.
+        #[arg(long, default_value = "app")]
+        tag: String,
+        /// Rounds per measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// zstd level.
+        #[arg(long, default_value_t = Options::default().zstd_level)]
+        level: i32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().cmd {
+        Cmd::Convert { layout, tag, rounds, level } => convert_bench(&layout, &tag, rounds, level),
+    }
+}
+
+struct Layer {
+    digest: Digest,
+    size: u64,
+    path: PathBuf,
+}
+
+fn layers_of(layout: &Path, tag: &str) -> anyhow::Result<Vec<Layer>> {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let desc = index["manifests"]
+        .as_array()
+        .and_then(|m| m.iter().find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == tag))
+        .with_context(|| format!("no tag {tag} in {}", layout.display()))?;
+    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(desc["digest"].as_str().unwrap_or("")))?)?;
+    let mut out = Vec::new();
+    for l in manifest["layers"].as_array().context("manifest without layers")? {
+        let mt = l["mediaType"].as_str().unwrap_or("");
+        if !mt.ends_with("gzip") {
+            bail!("layer media type {mt}: this benchmark compares against gzip layers");
+        }
+        let d = l["digest"].as_str().unwrap_or("");
+        out.push(Layer { digest: d.parse()?, size: l["size"].as_u64().unwrap_or(0), path: blob(d) });
+    }
+    Ok(out)
+}
+
+/// CPU seconds (user + system) used by this process and its waited-for children so far.
+fn cpu_seconds() -> f64 {
+    let mut total = 0.0;
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut ru) };
+        total += ru.ru_utime.tv_sec as f64 + ru.ru_utime.tv_usec as f64 / 1e6;
+        total += ru.ru_stime.tv_sec as f64 + ru.ru_stime.tv_usec as f64 / 1e6;
+    }
+    total
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn convert_bench(layout: &Path, tag: &str, rounds: usize, level: i32) -> anyhow::Result<()> {
+    let layers = layers_of(layout, tag)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    println!(
+        "| layer | gzip bytes | raw bytes | gzip -dc s | convert s | ratio | convert MB/s | CPU util | stored bytes (blob+TOC) | stored/gzip |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let (mut tot_gzip, mut tot_conv, mut tot_in, mut tot_stored, mut tot_raw) = (0.0, 0.0, 0u64, 0u64, 0u64);
+    for layer in &layers {
+        let mut gzip_t = Vec::new();
+        let mut conv_t = Vec::new();
+        let mut util = Vec::new();
+        let mut stored = 0;
+        let mut raw = 0;
+        for _ in 0..rounds {
+            // Alternate the two so that cache and thermal effects hit both alike.
+            let t = Instant::now();
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("gzip -dc '{}' >/dev/null", layer.path.display()))
+                .status()?;
+            if !st.success() {
+                bail!("gzip -dc failed");
+            }
+            gzip_t.push(t.elapsed().as_secs_f64());
+
+            let dir = tempfile::tempdir()?;
+            let store = AnyStore::Local(LocalStore::open(dir.path().join("store"))?);
+            let index = AnyIndex::Redb(RedbIndex::open(dir.path().join("index.redb"))?);
+            let mut conv = Converter::new(store, index, Options { zstd_level: level, ..Options::default() });
+            conv.tmp_dir = dir.path().to_path_buf();
+            let file = std::fs::File::open(&layer.path)?;
+            let expect = Expect {
+                name: layer.digest.to_string(),
+                compression: Compression::Gzip,
+                digest: Some(layer.digest),
+                diff_id: None,
+            };
+            let cpu0 = cpu_seconds();
+            let t = Instant::now();
+            let out = rt.block_on(conv.convert_layer_from(file, expect))?;
+            let secs = t.elapsed().as_secs_f64();
+            conv_t.push(secs);
+            util.push((cpu_seconds() - cpu0) / secs);
+            stored = out.stored_bytes + out.toc_bytes;
+            raw = out.uncompressed_size;
+        }
+        let (g, c) = (median(gzip_t), median(conv_t));
+        println!(
+            "| {} | {} | {} | {:.3} | {:.3} | {:.2}x | {:.0} | {:.2} cores | {} | {:.1}% |",
+            &layer.digest.hex()[..12],
+            layer.size,
+            raw,
+            g,
+            c,
+            c / g,
+            raw as f64 / 1e6 / c,
+            median(util),
+            stored,
+            100.0 * stored as f64 / layer.size as f64
+        );
+        tot_gzip += g;
+        tot_conv += c;
+        tot_in += layer.size;
+        tot_stored += stored;
+        tot_raw += raw;
+    }
+    println!(
+        "| **total** | {tot_in} | {tot_raw} | {tot_gzip:.3} | {tot_conv:.3} | {:.2}x | {:.0} | | {tot_stored} | {:.1}% |",
+        tot_conv / tot_gzip,
+        tot_raw as f64 / 1e6 / tot_conv,
+        100.0 * tot_stored as f64 / tot_in as f64
+    );
+    println!(
+        "\n(each layer converted alone into an empty store: no cross-layer dedup; zstd level {level}, {rounds} rounds, medians)"
+    );
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! A real Debian-based image (debootstrap base + redis-server installed with apt, built by
+//! `scripts/debian-image.sh` and cached), pushed to a real docker-registry with skopeo and converted
+//! from the registry and from the OCI layout, with the `starlight-convert` binary.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use starlight_conformance::servers::Registry;
+use starlight_converter::content::copy_content;
+use starlight_converter::convert::load_toc;
+use starlight_converter::index::{Index, RedbIndex};
+use starlight_converter::store::LocalStore;
+use starlight_format::{Digest, Hasher, Kind, path};
+
+const BIN: &str = env!("CARGO_BIN_EXE_starlight-convert");
+
+/// The cached image layout; built on first use (a few minutes, needs the Debian mirror).
+fn image_layout() -> PathBuf {
+    let out = std::env::var("STARLIGHT_IMAGES").unwrap_or_else(|_| "/var/tmp/starlight-images".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/debian-image.sh");
+    let st = Command::new("bash").arg(script).arg(&out).status().expect("bash");
+    assert!(
+        st.success(),
+        "{script} failed: it needs root, debootstrap, umoci and skopeo (apt-get install -y debootstrap umoci skopeo)"
+    );
+    PathBuf::from(out).join("oci")
+}
+
+fn skopeo_push(layout: &Path, tag: &str, dest: &str, creds: Option<&str>) {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if let Some(c) = creds {
+        cmd.args(["--dest-creds", c]);
+    }
+    let out = cmd
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(dest)
+        .output()
+        .expect("skopeo: apt-get install -y skopeo");
+    assert!(out.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn convert(data: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--store")
+        .arg(data.join("store"))
+        .arg("--index")
+        .arg(data.join("index.redb"))
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "starlight-convert failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn converted(v: &serde_json::Value) -> usize {
+    v["layers"].as_array().unwrap().iter().filter(|l| l["converted"] == true).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debian_image_from_registry_and_from_layout() {
+    let layout = image_layout();
+    let reg = Registry::start();
+    for tag in ["app", "app-v2"] {
+        skopeo_push(&layout, tag, &format!("docker://{}/debian/redis:{tag}", reg.addr()), None);
+    }
+    let data = tempfile::tempdir().unwrap();
+
+    let from_registry =
+        json(&convert(data.path(), &["--plain-http", &format!("docker://{}/debian/redis:app", reg.addr())]));
+    assert_eq!(converted(&from_registry), 2, "{from_registry}");
+    assert_eq!(from_registry["platform"], "linux/amd64");
+
+    // The same image from the OCI layout: same manifest, every layer already converted.
+    let from_layout =
+        json(&convert(data.path(), &["--name", "debian/redis", &format!("oci:{}:app", layout.display())]));
+    assert_eq!(from_layout["manifest"], from_registry["manifest"]);
+    assert_eq!(converted(&from_layout), 0, "layers are converted once: {from_layout}");
+
+    // The update: only the upgrade layer is new.
+    let v2 = json(&convert(
+        data.path(),
+        &["--plain-http", &format!("docker://{}/debian/redis:app-v2", reg.addr())],
+    ));
+    assert_eq!(converted(&v2), 1, "{v2}");
+
+    // The index resolves the tag, and every entry of every real layer matches its tar exactly.
+    let index = RedbIndex::open(data.path().join("index.redb")).unwrap();
+    let store = LocalStore::open(data.path().join("store")).unwrap();
+    let manifest: Digest = from_registry["manifest"].as_str().unwrap().parse().unwrap();
+    assert_eq!(index.resolve_tag("debian/redis", "app").await.unwrap(), Some(manifest));
+    let image = index.get_image(&manifest).await.unwrap().expect("image published");
+    for layer in &image.layers {
+        let record = index.get_layer(&layer.diff_id).await.unwrap().expect("layer published");
+        let toc = load_toc(&store, &record).await.unwrap();
+        let blob = layout.join("blobs/sha256").join(layer.digest.hex());
+        compare_with_tar(&blob, &toc);
+        // Every content reads back from the store and matches its digest.
+        let digests: Vec<Digest> = toc
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                Kind::File { digest, .. } => digest,
+                _ => None,
+            })
+            .collect();
+        let locs = index.get_contents(&digests).await.unwrap();
+        for (d, loc) in digests.iter().zip(locs) {
+            copy_content(&store, d, &loc.expect("indexed"), &mut std::io::sink()).await.unwrap();
+        }
+    }
+}
+
+/// Checks a TOC against the tar it came from, entry by entry, with GNU-independent parsing of the
+/// metadata that matters (path, type, size, content digest, mode, owner, mtime, link target).
+fn compare_with_tar(gz: &Path, toc: &starlight_format::Toc) {
+    let by_path: HashMap<&[u8], &starlight_format::Entry> =
+        toc.entries.iter().map(|e| (e.path.as_slice(), e)).collect();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()));
+    let mut n = 0;
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let p = path::normalize(&e.path_bytes()).unwrap();
+        let t = by_path
+            .get(p.as_slice())
+            .unwrap_or_else(|| panic!("{} missing from TOC", String::from_utf8_lossy(&p)));
+        let h = e.header().clone();
+        assert_eq!(t.mode, h.mode().unwrap() & 0o7777, "{}", String::from_utf8_lossy(&p));
+        assert_eq!((u64::from(t.uid), u64::from(t.gid)), (h.uid().unwrap(), h.gid().unwrap()));
+        assert_eq!(t.mtime as u64, h.mtime().unwrap());
+        match &t.kind {
+            Kind::File { size, digest } => {
+                let mut hasher = Hasher::new();
+                let mut buf = Vec::new();
+                e.read_to_end(&mut buf).unwrap();
+                hasher.update(&buf);
+                assert_eq!(*size, buf.len() as u64);
+                assert_eq!(*digest, (!buf.is_empty()).then(|| hasher.finish()));
+            }
+            Kind::Symlink { target } => assert_eq!(Some(target.as_slice()), e.link_name_bytes().as_deref()),
+            Kind::Hardlink { target } => {
+                assert_eq!(Some(target.clone()), e.link_name_bytes().map(|l| path::normalize(&l).unwrap()))
+            }
+            Kind::Dir => assert!(h.entry_type().is_dir()),
+            other => assert!(!h.entry_type().is_file(), "{other:?}"),
+        }
+        n += 1;
+    }
+    assert_eq!(n, toc.entries.len());
+    assert!(n > 100, "a real layer has many entries");
+}
+
+#[test]
+fn basic_auth_registry() {
+    let layout = image_layout();
+    let reg = Registry::start_with_htpasswd("alice", "s3cret");
+    let src = format!("docker://{}/debian/base:1", reg.addr());
+    skopeo_push(&layout, "base", &src, Some("alice:s3cret"));
+    let data = tempfile::tempdir().unwrap();
+
+    let denied = convert(data.path(), &["--plain-http", &src]);
+    assert!(!denied.status.success());
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(err.contains("requires credentials"), "{err}");
+    let wrong = convert(data.path(), &["--plain-http", "--creds", "alice:wrong", &src]);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    let ok = json(&convert(data.path(), &["--plain-http", "--creds", "alice:s3cret", &src]));
+    assert_eq!(converted(&ok), 1);
+}
+
+/// A conversion killed at any point publishes nothing; running it again finishes the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_conversion_publishes_nothing_and_rerun_finishes() {
+    let layout = image_layout();
+    let data = tempfile::tempdir().unwrap();
+    let src = format!("oci:{}:app-v2", layout.display());
+    let manifest_of_tag = || async {
+        let index = RedbIndex::open(data.path().join("index.redb")).unwrap();
+        index.resolve_tag("oci", "app-v2").await.unwrap()
+    };
+    for delay in [300u64, 1200] {
+        let mut child = Command::new(BIN)
+            .arg("--store")
+            .arg(data.path().join("store"))
+            .arg("--index")
+            .arg(data.path().join("index.redb"))
+            .arg(&src)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        let finished = child.try_wait().unwrap().is_some();
+        assert!(!finished, "conversion finished within {delay} ms: the kill would test nothing");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert_eq!(manifest_of_tag().await, None, "a killed conversion left the image visible");
+    }
+    let done = json(&convert(data.path(), &[&src]));
+    let manifest: Digest = done["manifest"].as_str().unwrap().parse().unwrap();
+    assert_eq!(manifest_of_tag().await, Some(manifest));
+    let index = RedbIndex::open(data.path().join("index.redb")).unwrap();
+    let image = index.get_image(&manifest).await.unwrap().unwrap();
+    for l in &image.layers {
+        assert!(index.get_layer(&l.diff_id).await.unwrap().is_some());
+    }
+}
