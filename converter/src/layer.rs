@@ -422,7 +422,8 @@ fn parse_tar(
                 if norm.is_empty() {
                     return Err(entry_err("a regular file at the root path".into()));
                 }
-                let (digest, size) = copy_content(&mut e, jobs, writes).map_err(|err| {
+                let hint = e.header().size().unwrap_or(0);
+                let (digest, size) = copy_content(&mut e, hint, jobs, writes).map_err(|err| {
                     entry_err(format!("reading file content (truncated or corrupt layer?): {err}"))
                 })?;
                 Kind::File { size, digest }
@@ -486,8 +487,10 @@ fn parse_tar(
 }
 
 /// Reads a file's bytes in chunks, hashes them, and queues each chunk for compression.
+/// `size_hint` (the header's size) sizes the first buffer, so small files cost small allocations.
 fn copy_content(
     r: &mut impl Read,
+    size_hint: u64,
     jobs: &Sender<Job>,
     writes: &Sender<WriteItem>,
 ) -> std::io::Result<(Option<Digest>, u64)> {
@@ -495,12 +498,12 @@ fn copy_content(
     let mut size = 0u64;
     let closed = || std::io::Error::other("pipeline stopped");
     loop {
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
-        let n = read_full(r, &mut buf)?;
+        let hint = size_hint.saturating_sub(size).clamp(64, CHUNK_SIZE);
+        let mut buf = Vec::with_capacity(hint as usize);
+        let n = r.by_ref().take(CHUNK_SIZE).read_to_end(&mut buf)?;
         if n == 0 {
             break;
         }
-        buf.truncate(n);
         hasher.update(&buf);
         size += n as u64;
         let (done, compressed) = bounded(1);

@@ -217,3 +217,82 @@ async fn killed_conversion_publishes_nothing_and_rerun_finishes() {
         assert!(index.get_layer(&l.diff_id).await.unwrap().is_some());
     }
 }
+
+/// An image index with two platforms: the host's is chosen by default, `--platform` picks another,
+/// and a platform the index lacks is a clear error naming what it has.
+#[test]
+fn image_index_platform_choice() {
+    let layout = image_layout();
+    let copy = tempfile::tempdir().unwrap();
+    let st = Command::new("cp").arg("-al").arg(&layout).arg(copy.path().join("oci")).status().unwrap();
+    assert!(st.success());
+    let dir = copy.path().join("oci");
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let find = |tag: &str| {
+        index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .unwrap()
+            .clone()
+    };
+    let (app, base) = (find("app"), find("base"));
+    let entry = |d: &serde_json::Value, arch: &str| {
+        serde_json::json!({"mediaType": d["mediaType"], "digest": d["digest"], "size": d["size"],
+                           "platform": {"os": "linux", "architecture": arch}})
+    };
+    let nested = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&base, "arm64"), entry(&app, "amd64")],
+    });
+    let bytes = serde_json::to_vec(&nested).unwrap();
+    let digest = Digest::of(&bytes);
+    std::fs::write(dir.join("blobs/sha256").join(digest.hex()), &bytes).unwrap();
+    index["manifests"].as_array_mut().unwrap().push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest.to_string(),
+        "size": bytes.len(), "annotations": {"org.opencontainers.image.ref.name": "multi"},
+    }));
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let src = format!("oci:{}:multi", dir.display());
+    let host = json(&convert(data.path(), &[&src]));
+    assert_eq!(host["manifest"], app["digest"]);
+    assert_eq!(host["platform"], "linux/amd64");
+    let arm = json(&convert(data.path(), &["--platform", "linux/arm64", &src]));
+    assert_eq!(arm["manifest"], base["digest"]);
+    assert_eq!(arm["platform"], "linux/arm64");
+    let none = convert(data.path(), &["--platform", "linux/s390x", &src]);
+    assert!(!none.status.success());
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        err.contains("no manifest for platform linux/s390x") && err.contains("linux/arm64, linux/amd64"),
+        "{err}"
+    );
+}
+
+/// Docker v2 schema 2 manifests (what `docker push` writes) convert like OCI ones.
+#[test]
+fn docker_v2_manifest() {
+    let layout = image_layout();
+    let reg = Registry::start();
+    let dest = format!("docker://{}/debian/docker:v2", reg.addr());
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", "--format", "v2s2"])
+        .arg(format!("oci:{}:app", layout.display()))
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    let data = tempfile::tempdir().unwrap();
+    let v = json(&convert(data.path(), &["--plain-http", &dest]));
+    assert_eq!(converted(&v), 2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let index = RedbIndex::open(data.path().join("index.redb")).unwrap();
+    let manifest: Digest = v["manifest"].as_str().unwrap().parse().unwrap();
+    let image = rt.block_on(index.get_image(&manifest)).unwrap().unwrap();
+    assert_eq!(image.media_type, "application/vnd.docker.distribution.manifest.v2+json");
+    assert!(image.layers.iter().all(|l| l.media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"));
+}
