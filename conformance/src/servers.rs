@@ -305,6 +305,11 @@ impl Registry {
     pub fn pid(&self) -> u32 {
         self.proc.child.id()
     }
+
+    /// Everything the registry has logged so far (its access log included).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.proc.log).unwrap_or_default()
+    }
 }
 
 /// Writes a bcrypt htpasswd file, the only hash Distribution accepts.

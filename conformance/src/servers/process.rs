@@ -38,7 +38,7 @@ pub(super) fn require(name: &str, install: &str) -> PathBuf {
 pub(super) struct Proc {
     name: String,
     pub(super) child: Child,
-    log: PathBuf,
+    pub(super) log: PathBuf,
 }
 
 impl Proc {

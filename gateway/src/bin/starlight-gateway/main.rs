@@ -1,0 +1,128 @@
+//! `starlight-gateway`: the Starlight gateway in front of an OCI registry.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use starlight_gateway::Config;
+
+mod telemetry;
+
+/// Serves the OCI distribution API of UPSTREAM, unchanged, plus the Starlight endpoints.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The registry behind the gateway, http[s]://HOST[:PORT].
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Address to listen on (default 0.0.0.0:8080).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Object store: a directory or s3://BUCKET[/PREFIX].
+    #[arg(long)]
+    store: Option<String>,
+    /// Index: a redb file, redis://HOST:PORT or redis+cluster://HOST:PORT,...
+    #[arg(long)]
+    index: Option<String>,
+    /// TOML file with any of the settings (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Seconds to wait for the upstream's response head.
+    #[arg(long)]
+    upstream_timeout: Option<f64>,
+    /// Requests processed at once before shedding load with 503.
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(p) => match Config::from_file(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("starlight-gateway: error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(v) = args.upstream {
+        config.upstream = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.store {
+        config.store = v;
+    }
+    if let Some(v) = args.index {
+        config.index = v;
+    }
+    if let Some(v) = args.upstream_timeout {
+        config.upstream_timeout = v;
+    }
+    if let Some(v) = args.max_concurrency {
+        config.max_concurrency = v;
+    }
+    if let Some(v) = args.log_format {
+        config.log_format = v;
+    }
+    if config.otlp_endpoint.is_none() {
+        config.otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.is_empty());
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("starlight-gateway: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starlight-gateway: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let _telemetry = match telemetry::init(&config) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("starlight-gateway: error: telemetry: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("starlight-gateway: error: listening on {}: {e}", config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listen = %addr, upstream = %config.upstream, "starlight-gateway serving");
+        match starlight_gateway::run(listener, config, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("starlight-gateway: error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown signal received");
+}

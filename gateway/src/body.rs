@@ -1,0 +1,93 @@
+//! The one body type every branch of the stack answers with: a boxed stream of `Bytes` frames.
+
+use bytes::Bytes;
+
+use std::pin::Pin;
+
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+/// Errors inside bodies (an upstream reset mid-stream, a client gone).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response or request body of any origin.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body that holds `data` whole (small JSON answers).
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// Boxes any body whose error converts to [`BoxError`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    /// A body that counts the bytes it yields and calls `done(bytes, complete)` exactly once: at
+    /// its end (`complete = true`) or when dropped early (the client went away, or an error).
+    pub struct Observed<F: FnOnce(u64, bool)> {
+        #[pin]
+        inner: Body,
+        bytes: u64,
+        done: Option<F>,
+    }
+
+    impl<F: FnOnce(u64, bool)> PinnedDrop for Observed<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(done) = this.done.take() {
+                done(*this.bytes, false);
+            }
+        }
+    }
+}
+
+impl<F: FnOnce(u64, bool)> Observed<F> {
+    pub fn new(inner: Body, done: F) -> Self {
+        Observed { inner, bytes: 0, done: Some(done) }
+    }
+}
+
+impl<F: FnOnce(u64, bool)> http_body::Body for Observed<F> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    *this.bytes += d.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                if let Some(done) = this.done.take() {
+                    done(*this.bytes, true);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

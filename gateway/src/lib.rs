@@ -1,0 +1,64 @@
+//! The Starlight gateway: a hyper + tower stack in front of any OCI registry. Ordinary `/v2/`
+//! traffic passes through untouched; Starlight endpoints live under `/v2/<name>/_starlight/`.
+//!
+//! # Layout
+//! - [`run`]: builds everything from a [`Config`] and serves a bound listener until shutdown.
+//! - [`stack`]: the middleware stack, assembled top to bottom in one function.
+//! - [`layers`]: one middleware per module (route classification, access log, metrics, errors).
+//! - [`router`]: internal endpoints, the Starlight branch, and the pass-through for the rest.
+//! - [`proxy`]: the streaming pass-through proxy ([`proxy::Proxy`]).
+//! - [`route`]: path classification and repository-name validation.
+//! - [`error`]: [`GatewayError`] and the one mapping to OCI error JSON.
+//! - [`server`]: connections, limits, graceful shutdown.
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod proxy;
+pub mod route;
+pub mod router;
+pub mod server;
+pub mod stack;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::Config;
+pub use error::GatewayError;
+use tokio::net::TcpListener;
+
+/// Serves the gateway described by `config` on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    config.validate().map_err(|e| e.to_string())?;
+    let upstream = proxy::Upstream::parse(&config.upstream)?;
+    let proxy = proxy::Proxy::new(
+        upstream,
+        Config::secs(config.connect_timeout),
+        Config::secs(config.upstream_timeout),
+    )?;
+    let shared = Arc::new(router::Shared {
+        proxy,
+        metrics: Arc::new(layers::Metrics::default()),
+        max_manifest_bytes: config.max_manifest_bytes,
+    });
+    let service = stack::build(
+        shared,
+        &stack::StackConfig {
+            max_concurrency: config.max_concurrency,
+            // Above the upstream timeout, so that the proxy's more precise 504 wins.
+            request_timeout: Config::secs(config.upstream_timeout + config.connect_timeout + 5.0),
+        },
+    );
+    let server_cfg = server::ServerConfig {
+        max_header_bytes: config.max_header_bytes,
+        header_read_timeout: Config::secs(config.header_read_timeout),
+        shutdown_grace: Config::secs(config.shutdown_grace),
+    };
+    server::serve(listener, service, server_cfg, shutdown).await;
+    Ok(())
+}

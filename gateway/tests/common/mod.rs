@@ -1,0 +1,80 @@
+//! Shared fixtures for the gateway's tests: the gateway in-process on 127.0.0.1:0, and raw clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use starlight_gateway::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A gateway running in this process until stopped or dropped.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(starlight_gateway::run(listener, config, async {
+            let _ = rx.await;
+        }));
+        Gateway { addr, stop: Some(tx), task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Signals shutdown and waits for the server to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Starts shutdown without waiting.
+    pub fn begin_stop(&mut self) -> tokio::task::JoinHandle<Result<(), String>> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().unwrap()
+    }
+}
+
+/// A configuration for `upstream` with short timeouts suited to tests.
+pub fn config(upstream: &str) -> Config {
+    Config {
+        upstream: upstream.to_string(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        connect_timeout: 2.0,
+        upstream_timeout: 2.0,
+        header_read_timeout: 2.0,
+        shutdown_grace: 5.0,
+        ..Config::default()
+    }
+}
+
+/// Sends raw bytes and reads the whole answer (until the server closes or `wait` passes).
+pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    read_all(&mut s, wait).await
+}
+
+pub async fn read_all(s: &mut TcpStream, wait: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
