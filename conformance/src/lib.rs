@@ -4,8 +4,12 @@
 //! - [`servers`]: real servers on loopback for tests ([`servers::Redis`], [`servers::RedisCluster`],
 //!   [`servers::S3Server`], [`servers::Registry`]), each on an ephemeral port and stopped when its
 //!   guard drops. A missing server binary fails the test with the command that installs it.
+//!   [`servers::Containerd`] runs a private containerd driven with `ctr`.
+//! - [`images`]: real Debian-based test images (debootstrap + apt), built once and cached.
+//! - [`fstree`]: tree snapshots and differences, attribute for attribute.
 //! - [`oci`]: the OCI distribution-spec conformance workflows ([`oci::run`] → [`oci::Report`]).
 
 pub mod fstree;
+pub mod images;
 pub mod oci;
 pub mod servers;

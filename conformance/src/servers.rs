@@ -7,7 +7,10 @@
 //! multi-threaded runtime or before entering one. Every failure panics: a test that needs a server
 //! and cannot get one fails with the command that installs it, it is never skipped.
 
+mod containerd;
 mod process;
+
+pub use containerd::Containerd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

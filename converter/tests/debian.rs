@@ -17,30 +17,12 @@ use starlight_format::{Digest, Hasher, Kind, path};
 
 const BIN: &str = env!("CARGO_BIN_EXE_starlight-convert");
 
-/// The cached image layout; built on first use (a few minutes, needs the Debian mirror).
 fn image_layout() -> PathBuf {
-    let out = std::env::var("STARLIGHT_IMAGES").unwrap_or_else(|_| "/var/tmp/starlight-images".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/debian-image.sh");
-    let st = Command::new("bash").arg(script).arg(&out).status().expect("bash");
-    assert!(
-        st.success(),
-        "{script} failed: it needs root, debootstrap, umoci and skopeo (apt-get install -y debootstrap umoci skopeo)"
-    );
-    PathBuf::from(out).join("oci")
+    starlight_conformance::images::debian_layout()
 }
 
 fn skopeo_push(layout: &Path, tag: &str, dest: &str, creds: Option<&str>) {
-    let mut cmd = Command::new("skopeo");
-    cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
-    if let Some(c) = creds {
-        cmd.args(["--dest-creds", c]);
-    }
-    let out = cmd
-        .arg(format!("oci:{}:{tag}", layout.display()))
-        .arg(dest)
-        .output()
-        .expect("skopeo: apt-get install -y skopeo");
-    assert!(out.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
+    starlight_conformance::images::skopeo_copy(&format!("oci:{}:{tag}", layout.display()), dest, creds);
 }
 
 fn convert(data: &Path, args: &[&str]) -> Output {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::client::base64;
+use super::auth::base64;
 
 pub(crate) const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub(crate) const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";

@@ -9,11 +9,13 @@
 //! reads back, which the official suite does not.
 //!
 //! # Layout
-//! - `client`: HTTP client that answers basic/bearer challenges and follows redirects itself.
+//! - `client`: HTTP client that answers basic/bearer challenges and follows redirects itself;
+//!   `auth`: challenge parsing.
 //! - `fixtures`: the blobs, configs and manifests each run generates; `check`: assertions whose
 //!   failures say what was expected and what came back; `suite`: names, gates and records tests.
 //! - `pull`, `push`, `discovery`, `management`: one workflow each; `report`: [`Report`].
 
+mod auth;
 mod check;
 mod client;
 mod config;

@@ -26,16 +26,20 @@ pub(crate) async fn run(env: &Env<'_>, rec: &mut Recorder) {
     teardown(env, rec, empty_pushed).await;
 }
 
+/// The `Location` of a response, which must have one.
+fn location(resp: &Resp) -> Result<Url, Failure> {
+    resp.location().ok_or_else(|| fail(resp, "a Location header"))
+}
+
 /// The `Location` of an earlier test's response, which must exist.
 fn location_of(resp: Option<&Resp>, what: &str) -> Result<Url, Failure> {
-    let resp = resp.ok_or_else(|| missing(what))?;
-    resp.location().ok_or_else(|| fail(resp, "a Location header"))
+    location(resp.ok_or_else(|| missing(what))?)
 }
 
 /// POSTs a new upload session, which must come with a `Location`.
 async fn post_session(env: &Env<'_>, ns: &str) -> Result<(Resp, Url), Failure> {
     let post = env.send(Method::POST, &uploads(ns)).await?;
-    let loc = post.location().ok_or_else(|| fail(&post, "a Location header"))?;
+    let loc = location(&post)?;
     Ok((post, loc))
 }
 
@@ -144,7 +148,7 @@ async fn read_back(env: &Env<'_>, rec: &mut Recorder, title: &str, b: &Blob) {
 
 async fn chunked(env: &Env<'_>, rec: &mut Recorder) {
     let (c, ns) = (env.client, env.ns());
-    let mut blob = env.fx.chunked.clone();
+    let mut chunks = env.fx.chunked.clone();
     let patch = |url, data: &bytes::Bytes, range: String| {
         c.req_url(Method::PATCH, url)
             .header("Content-Type", OCTET)
@@ -157,11 +161,11 @@ async fn chunked(env: &Env<'_>, rec: &mut Recorder) {
             // A registry may ask for bigger chunks: then the blob grows so that chunks still fit.
             if let Some(min) = post.header("OCI-Chunk-Min-Length") {
                 let min: usize = min.parse().map_err(|_| fail(&post, "a number in OCI-Chunk-Min-Length"))?;
-                if min > blob.first.len() {
-                    blob = Chunked::new(min * 2 - 2, env.fx.seed.wrapping_add(2));
+                if min > chunks.first.len() {
+                    chunks = Chunked::new(min * 2 - 2, env.fx.seed.wrapping_add(2));
                 }
             }
-            status(&c.send(patch(loc, &blob.second, blob.second_range())).await?, 416)
+            status(&c.send(patch(loc, &chunks.second, chunks.second_range())).await?, 416)
         })
         .await;
     let (mut first_post, mut last) = (None, None);
@@ -169,9 +173,9 @@ async fn chunked(env: &Env<'_>, rec: &mut Recorder) {
         .run(async {
             let (post, loc) = post_session(env, ns).await?;
             first_post = Some(post);
-            let resp = c.send(patch(loc, &blob.first, blob.first_range())).await?;
+            let resp = c.send(patch(loc, &chunks.first, chunks.first_range())).await?;
             status(&resp, 202)?;
-            header_eq(&resp, "Range", &blob.first_range())?;
+            header_eq(&resp, "Range", &chunks.first_range())?;
             last = Some(resp);
             Ok(())
         })
@@ -179,7 +183,7 @@ async fn chunked(env: &Env<'_>, rec: &mut Recorder) {
     rec.spec(CHUNKED, "Retry previous blob chunk should return 416")
         .run(async {
             let loc = location_of(first_post.as_ref(), "the first chunk's upload session")?;
-            status(&c.send(patch(loc, &blob.first, blob.first_range())).await?, 416)
+            status(&c.send(patch(loc, &chunks.first, chunks.first_range())).await?, 416)
         })
         .await;
     rec.spec(CHUNKED, "Get on stale blob upload should return 204 with a range and location")
@@ -188,7 +192,7 @@ async fn chunked(env: &Env<'_>, rec: &mut Recorder) {
             let resp = c.send(c.req_url(Method::GET, loc)).await?;
             status(&resp, 204)?;
             has_location(&resp)?;
-            header_eq(&resp, "Range", &blob.first_range())?;
+            header_eq(&resp, "Range", &chunks.first_range())?;
             last = Some(resp);
             Ok(())
         })
@@ -196,9 +200,9 @@ async fn chunked(env: &Env<'_>, rec: &mut Recorder) {
     rec.spec(CHUNKED, "PATCH request with second chunk should return 202")
         .run(async {
             let loc = location_of(last.as_ref(), "the upload status")?;
-            let resp = c.send(patch(loc, &blob.second, blob.second_range())).await?;
+            let resp = c.send(patch(loc, &chunks.second, chunks.second_range())).await?;
             status(&resp, 202)?;
-            header_eq(&resp, "Range", &format!("0-{}", blob.blob.len() - 1))?;
+            header_eq(&resp, "Range", &format!("0-{}", chunks.blob.len().saturating_sub(1)))?;
             has_location(&resp)?;
             last = Some(resp);
             Ok(())
@@ -207,8 +211,10 @@ async fn chunked(env: &Env<'_>, rec: &mut Recorder) {
     rec.spec(CHUNKED, "PUT request with digest should return 201")
         .run(async {
             let loc = location_of(last.as_ref(), "the second chunk's response")?;
-            let put =
-                c.req_url(Method::PUT, loc).query("digest", &blob.blob.digest).header("Content-Type", OCTET);
+            let put = c
+                .req_url(Method::PUT, loc)
+                .query("digest", &chunks.blob.digest)
+                .header("Content-Type", OCTET);
             let resp = c.send(put).await?;
             status(&resp, 201)?;
             has_location(&resp)
@@ -246,9 +252,8 @@ async fn mount(env: &Env<'_>, rec: &mut Recorder) {
     rec.spec(MOUNT, "GET request to test digest within cross-mount namespace should return 200")
         .only_if(answered(201), "the mount answered 202, not 201")
         .run(async {
-            let loc = location_of(mounted.as_ref(), "the mount response")?;
-            let want = c.full_path(&blob(target, &fx.blob_a.digest));
             let m = mounted.as_ref().ok_or_else(|| missing("the mount response"))?;
+            let (loc, want) = (location(m)?, c.full_path(&blob(target, &fx.blob_a.digest)));
             if loc.path() != want {
                 return Err(fail(m, format!("Location path {want}")));
             }
@@ -260,9 +265,8 @@ async fn mount(env: &Env<'_>, rec: &mut Recorder) {
     rec.spec(MOUNT, "Cross-mounting of nonexistent blob should yield session id")
         .only_if(answered(202), "the mount answered 201, not 202")
         .run(async {
-            let loc = location_of(mounted.as_ref(), "the mount response")?;
-            let want = c.full_path(&uploads(target));
             let m = mounted.as_ref().ok_or_else(|| missing("the mount response"))?;
+            let (loc, want) = (location(m)?, c.full_path(&uploads(target)));
             if !loc.path().starts_with(&want) {
                 return Err(fail(m, format!("a Location under {want}")));
             }
