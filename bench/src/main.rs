@@ -2,6 +2,10 @@
 //!
 //! - `convert`: conversion throughput of each layer of an image vs `gzip -dc` of the same layer
 //!   (the decompression a plain pull pays anyway), and stored size vs the original layers.
+//! - `gateway`: pass-through throughput and latency through `starlight-gateway` vs the registry
+//!   directly, and the gateway's peak memory under 100 concurrent downloads.
+
+mod gateway;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,11 +43,29 @@ enum Cmd {
         #[arg(long, default_value_t = Options::default().zstd_level)]
         level: i32,
     },
+    /// Pass-through throughput, added latency and memory of the gateway in front of docker-registry.
+    Gateway {
+        /// The gateway binary (default: `starlight-gateway` next to this binary).
+        #[arg(long)]
+        gateway_bin: Option<PathBuf>,
+        /// Size of the large blob, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        blob_mib: u64,
+        /// Rounds of the throughput comparison.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Concurrent clients in the memory test.
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Convert { layout, tag, rounds, level } => convert_bench(&layout, &tag, rounds, level),
+        Cmd::Gateway { gateway_bin, blob_mib, rounds, clients } => {
+            gateway::run(gateway_bin, blob_mib, rounds, clients)
+        }
     }
 }
 

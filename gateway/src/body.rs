@@ -45,7 +45,10 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(done) = this.done.take() {
-                done(*this.bytes, false);
+                // hyper stops polling once a body says it has ended (a Content-Length body after
+                // its last byte, an empty body), so the end may show up only here.
+                let complete = http_body::Body::is_end_stream(&*this.inner);
+                done(*this.bytes, complete);
             }
         }
     }

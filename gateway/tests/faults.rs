@@ -238,3 +238,28 @@ async fn graceful_shutdown_lets_in_flight_downloads_finish() {
     assert_eq!(total, data.len());
     done.await.unwrap().unwrap();
 }
+
+/// Regression: a response read to its end is logged and counted as complete, not cut short
+/// (hyper drops a Content-Length body without polling it past its last byte).
+#[tokio::test]
+async fn complete_responses_are_not_counted_as_cut_short() {
+    let reg = Registry::start();
+    let gw = Gateway::start(config(&format!("http://{}", reg.addr()))).await;
+    for _ in 0..3 {
+        let r = http().get(format!("{}/v2/", gw.url())).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        let r = http().get(format!("{}/v2/x/manifests/missing", gw.url())).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        r.bytes().await.unwrap();
+    }
+    let metrics = http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(
+            "starlight_gateway_http_requests_total{method=\"GET\",route=\"manifests\",status=\"404\"} 3"
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("cut_short_total{"), "{metrics}");
+    gw.stop().await;
+}

@@ -331,3 +331,7 @@ async fn read(mut resp: reqwest::Response, what: String) -> Result<Resp, ClientE
     let body_digest = format!("sha256:{}", hex::encode(hasher.finalize()));
     Ok(Resp { status, headers, body: body.into(), body_len: len, body_digest, url, what })
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
