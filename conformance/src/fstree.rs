@@ -178,7 +178,7 @@ pub fn diff(want: &BTreeMap<Vec<u8>, Node>, got: &BTreeMap<Vec<u8>, Node>, opts:
         }
     }
     for path in got.keys() {
-        if !want.contains_key(path) && !(opts.skip_root && path.is_empty()) {
+        if !(want.contains_key(path) || opts.skip_root && path.is_empty()) {
             out.push(format!("{}: unexpected", show(path)));
         }
     }

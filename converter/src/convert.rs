@@ -245,13 +245,20 @@ pub async fn load_toc(
 
 type Kept = Vec<(Digest, u64, Vec<Frame>)>;
 
-/// Returns the final blob (file, digest, size), or none if no content is new, and the kept
-/// contents with frame offsets in the final blob.
+/// The blob a layer stores: its temporary file, digest and size.
+struct FinalBlob {
+    file: tempfile::NamedTempFile,
+    digest: Digest,
+    size: u64,
+}
+
+/// Returns the final blob, or none if no content is new, and the kept contents with frame offsets
+/// in the final blob.
 fn finish_blob(
     blob: tempfile::NamedTempFile,
     contents: Vec<crate::layer::PendingContent>,
     keep: &[bool],
-) -> Result<(Option<(tempfile::NamedTempFile, Digest, u64)>, Kept), ConvertError> {
+) -> Result<(Option<FinalBlob>, Kept), ConvertError> {
     let path = blob.path().display().to_string();
     let io = |e| ConvertError::io(&path)(e);
     let n_keep = keep.iter().filter(|k| **k).count();
@@ -263,7 +270,7 @@ fn finish_blob(
         let mut f = blob.reopen().map_err(io)?;
         let size = hash_copy(&mut f, u64::MAX, &mut hasher, None).map_err(io)?;
         let kept = contents.into_iter().map(|c| (c.digest, c.size, c.frames)).collect();
-        return Ok((Some((blob, hasher.finish(), size)), kept));
+        return Ok((Some(FinalBlob { file: blob, digest: hasher.finish(), size }), kept));
     }
     // Copy only the kept contents' frames into a new file, renumbering offsets.
     let dir = blob.path().parent().map(|p| p.to_path_buf()).unwrap_or_else(std::env::temp_dir);
@@ -284,7 +291,7 @@ fn finish_blob(
         }
         w.flush().map_err(io)?;
     }
-    Ok((Some((out, hasher.finish(), pos)), kept))
+    Ok((Some(FinalBlob { file: out, digest: hasher.finish(), size: pos }), kept))
 }
 
 fn hash_copy(
