@@ -159,13 +159,13 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
 
         let mut stored_bytes = 0;
         let blob_digest = match &blob {
-            Some((file, digest, size)) => {
-                let key = blob_key(digest);
-                if self.store.size(&key).await? != Some(*size) {
-                    self.store.put_file(&key, file.path()).await?;
+            Some(b) => {
+                let key = blob_key(&b.digest);
+                if self.store.size(&key).await? != Some(b.size) {
+                    self.store.put_file(&key, b.file.path()).await?;
                 }
-                stored_bytes = *size;
-                Some(*digest)
+                stored_bytes = b.size;
+                Some(b.digest)
             }
             None => None,
         };
