@@ -278,3 +278,63 @@ fn docker_v2_manifest() {
     assert_eq!(image.media_type, "application/vnd.docker.distribution.manifest.v2+json");
     assert!(image.layers.iter().all(|l| l.media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"));
 }
+
+/// Flattening the real three-layer image (base, redis, security upgrades that replace files) and
+/// materializing it gives exactly what `umoci unpack` gives, attribute for attribute.
+#[tokio::test(flavor = "multi_thread")]
+async fn flattened_image_equals_umoci_unpack() {
+    let layout = image_layout();
+    let data = tempfile::tempdir().unwrap();
+    let v = json(&convert(data.path(), &[&format!("oci:{}:app-v2", layout.display())]));
+    let manifest: Digest = v["manifest"].as_str().unwrap().parse().unwrap();
+    let index = RedbIndex::open(data.path().join("index.redb")).unwrap();
+    let store = LocalStore::open(data.path().join("store")).unwrap();
+    let image = index.get_image(&manifest).await.unwrap().unwrap();
+    let mut tocs = Vec::new();
+    for l in &image.layers {
+        let record = index.get_layer(&l.diff_id).await.unwrap().unwrap();
+        tocs.push(load_toc(&store, &record).await.unwrap());
+    }
+    let refs: Vec<&starlight_format::Toc> = tocs.iter().collect();
+    let flat = starlight_format::flatten::flatten(&refs).unwrap();
+    let flat_toc = starlight_format::Toc { diff_id: Digest([0; 32]), entries: flat };
+
+    let ours = data.path().join("ours");
+    std::fs::create_dir(&ours).unwrap();
+    let digests: Vec<Digest> = flat_toc
+        .entries
+        .iter()
+        .filter_map(|e| match e.kind {
+            Kind::File { digest, .. } => digest,
+            _ => None,
+        })
+        .collect();
+    let locs: HashMap<Digest, _> = digests
+        .iter()
+        .copied()
+        .zip(index.get_contents(&digests).await.unwrap().into_iter().map(|l| l.unwrap()))
+        .collect();
+    let handle = tokio::runtime::Handle::current();
+    let (t, dir) = (flat_toc.clone(), ours.clone());
+    tokio::task::spawn_blocking(move || {
+        starlight_converter::extract::extract_layer(&t, &dir, &mut |d, f| {
+            handle.block_on(copy_content(&store, d, &locs[d], f)).map_err(std::io::Error::other)
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+
+    let bundle = data.path().join("bundle");
+    let out = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:app-v2", layout.display())])
+        .arg(&bundle)
+        .output()
+        .expect("umoci: apt-get install -y umoci");
+    assert!(out.status.success(), "umoci unpack: {}", String::from_utf8_lossy(&out.stderr));
+    starlight_conformance::fstree::assert_same_tree(
+        &bundle.join("rootfs"),
+        &ours,
+        starlight_conformance::fstree::Options { skip_root: true, skip_dir_mtimes: false },
+    );
+}

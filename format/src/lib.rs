@@ -5,10 +5,12 @@
 //! - [`wire`]: the varint and byte-string primitives every record is built from.
 //! - [`path`]: path normalization; a TOC holds only normalized paths.
 //! - [`toc`]: [`Toc`], [`Entry`] and [`Kind`]: the table of contents of one converted layer.
+//! - [`flatten`]: applying layers with OCI semantics into one filesystem.
 //! - [`records`]: the index records ([`ContentLocation`], [`LayerRecord`], [`ImageRecord`]) and
 //!   the object-store keys.
 
 pub mod digest;
+pub mod flatten;
 pub mod path;
 pub mod records;
 pub mod toc;
