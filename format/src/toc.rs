@@ -128,6 +128,16 @@ impl Toc {
     }
 }
 
+/// Encodes one entry as a TOC does (the bundle header reuses it).
+pub(crate) fn encode_entry(e: &Entry, w: &mut Writer) {
+    e.encode(w);
+}
+
+/// Decodes and validates one entry.
+pub(crate) fn decode_entry(r: &mut Reader<'_>) -> Result<Entry, FormatError> {
+    Entry::decode(r)
+}
+
 impl Entry {
     fn encode(&self, w: &mut Writer) {
         w.u8(self.kind.tag());

@@ -1,0 +1,352 @@
+//! The delta bundle: one stream that carries everything a worker needs to run an image. First a
+//! header (manifest, config, the flattened filesystem, and the table of contents that follow, in
+//! order), then content chunks (each a standard zstd frame, as stored in seekable blobs, so the
+//! gateway forwards stored frames without recompressing), then a trailer that says the stream ended
+//! complete. See the crate README for the byte layout.
+//!
+//! [`Decoder`] is sans-I/O: feed it bytes as they arrive, in any split, and it yields verified
+//! events. A content is reported done only once its bytes match its digest.
+
+use std::collections::HashMap;
+
+use crate::toc::Entry;
+use crate::wire::{Reader, Writer};
+use crate::{CHUNK_SIZE, Digest, FormatError, Hasher, Platform};
+
+pub const BUNDLE_MAGIC: &[u8; 6] = b"SLBNDL";
+pub const BUNDLE_VERSION: u16 = 1;
+/// Largest header record (the flattened filesystem of a very large image fits well below this).
+pub const MAX_HEADER: u64 = 256 << 20;
+/// Largest chunk record: a zstd frame of at most `CHUNK_SIZE` bytes, with room for its overhead.
+pub const MAX_CHUNK_RECORD: u64 = CHUNK_SIZE + (CHUNK_SIZE >> 7) + 1024;
+const MAX_CONTENTS: u64 = 10_000_000;
+
+const REC_HEADER: u8 = b'H';
+const REC_CHUNK: u8 = b'C';
+const REC_TRAILER: u8 = b'T';
+
+/// A content the bundle carries, in stream order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContentRef {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Everything known before the first content byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub manifest_digest: Digest,
+    pub manifest: Vec<u8>,
+    pub config: Vec<u8>,
+    pub platform: Platform,
+    /// The flattened filesystem, parents before children (see [`crate::flatten`]).
+    pub entries: Vec<Entry>,
+    /// The contents that follow, in the order they are sent. Contents the worker said it has are
+    /// not here; the entries still name them by digest.
+    pub contents: Vec<ContentRef>,
+}
+
+/// Encodes the preamble and the header record.
+pub fn encode_header(h: &Header) -> Vec<u8> {
+    let mut body = Writer::new();
+    body.digest(&h.manifest_digest);
+    body.bytes(&h.manifest);
+    body.bytes(&h.config);
+    body.bytes(h.platform.to_string().as_bytes());
+    body.varint(h.entries.len() as u64);
+    for e in &h.entries {
+        crate::toc::encode_entry(e, &mut body);
+    }
+    body.varint(h.contents.len() as u64);
+    for c in &h.contents {
+        body.digest(&c.digest);
+        body.varint(c.size);
+    }
+    let mut w = Writer::new();
+    w.raw(BUNDLE_MAGIC);
+    w.raw(&BUNDLE_VERSION.to_le_bytes());
+    w.u8(REC_HEADER);
+    w.bytes(&body.buf);
+    w.buf
+}
+
+/// The bytes that precede a chunk's zstd frame: the gateway writes these, then the stored frame as is.
+/// `offset` is the chunk's position in the uncompressed content.
+pub fn chunk_prefix(index: u64, offset: u64, frame_len: usize) -> Vec<u8> {
+    let mut inner = Writer::new();
+    inner.varint(index);
+    inner.varint(offset);
+    let mut w = Writer::new();
+    w.u8(REC_CHUNK);
+    w.varint((inner.buf.len() + frame_len) as u64);
+    w.raw(&inner.buf);
+    w.buf
+}
+
+/// The trailer: how many contents and content bytes the stream carried.
+pub fn encode_trailer(contents: u64, bytes: u64) -> Vec<u8> {
+    let mut body = Writer::new();
+    body.varint(contents);
+    body.varint(bytes);
+    let mut w = Writer::new();
+    w.u8(REC_TRAILER);
+    w.bytes(&body.buf);
+    w.buf
+}
+
+/// What the decoder has verified so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    Header(Box<Header>),
+    /// Decompressed bytes of content `index` at `offset`. Not yet verified against the digest:
+    /// keep them out of sight until [`Event::ContentDone`].
+    Chunk {
+        index: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Content `index` arrived whole and matches its digest.
+    ContentDone {
+        index: u64,
+        digest: Digest,
+    },
+    /// The trailer arrived and agrees with what came: the bundle is complete.
+    End,
+}
+
+/// Why a bundle stream is rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BundleError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("bundle record at byte {offset}: {why}")]
+    Bad { offset: u64, why: String },
+    #[error("content {digest} (index {index}) does not match its digest")]
+    DigestMismatch { index: u64, digest: Digest },
+    #[error("the bundle stream ended early, at byte {offset}{}", if *.header_seen { "" } else { ", before its header" })]
+    Truncated { offset: u64, header_seen: bool },
+}
+
+struct Progress {
+    received: u64,
+    hasher: Hasher,
+}
+
+/// Incremental, verifying bundle decoder.
+#[derive(Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already decoded.
+    start: usize,
+    /// Stream offset of `buf[start]`.
+    base: u64,
+    preamble: bool,
+    header: Option<Vec<ContentRef>>,
+    progress: HashMap<u64, Progress>,
+    done: u64,
+    done_bytes: u64,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder").field("offset", &self.base).field("done", &self.done).finish()
+    }
+}
+
+impl Decoder {
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Adds bytes and returns the events they complete.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<Event>, BundleError> {
+        // Drop decoded bytes before growing the buffer, so it holds about one record at most.
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+        let mut events = Vec::new();
+        while let Some(mut evs) = self.step()? {
+            events.append(&mut evs);
+        }
+        Ok(events)
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Call at the end of the stream: an error unless the trailer arrived.
+    pub fn finish(&self) -> Result<(), BundleError> {
+        if self.ended {
+            Ok(())
+        } else {
+            Err(BundleError::Truncated {
+                offset: self.base + self.pending().len() as u64,
+                header_seen: self.header.is_some(),
+            })
+        }
+    }
+
+    fn bad(&self, why: impl Into<String>) -> BundleError {
+        BundleError::Bad { offset: self.base, why: why.into() }
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        self.base += n as u64;
+    }
+
+    /// Decodes one record if it is all here; `None` when more bytes are needed.
+    fn step(&mut self) -> Result<Option<Vec<Event>>, BundleError> {
+        let buf = self.pending();
+        if self.ended {
+            if !buf.is_empty() {
+                return Err(self.bad("bytes after the trailer"));
+            }
+            return Ok(None);
+        }
+        if !self.preamble {
+            if buf.len() < 8 {
+                return Ok(None);
+            }
+            if &buf[..6] != BUNDLE_MAGIC {
+                return Err(FormatError::BadMagic { what: "bundle" }.into());
+            }
+            let version = u16::from_le_bytes([buf[6], buf[7]]);
+            if version != BUNDLE_VERSION {
+                return Err(FormatError::UnsupportedVersion { what: "bundle", version }.into());
+            }
+            self.preamble = true;
+            self.consume(8);
+            return Ok(Some(Vec::new()));
+        }
+        // Record: type, length, payload. Wait for the whole record.
+        let Some(&kind) = buf.first() else { return Ok(None) };
+        let max = match kind {
+            REC_HEADER => MAX_HEADER,
+            REC_CHUNK => MAX_CHUNK_RECORD,
+            REC_TRAILER => 64,
+            other => return Err(self.bad(format!("unknown record type {other:#04x}"))),
+        };
+        let mut r = Reader::new(&buf[1..]);
+        let len = match r.varint_max(max, "record length") {
+            Ok(l) => l as usize,
+            // A length varint cut by the end of the buffer: wait for the rest.
+            Err(_) if buf.len() < 12 => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let head = 1 + r.position();
+        if buf.len() < head + len {
+            return Ok(None);
+        }
+        let payload = buf[head..head + len].to_vec();
+        let events = match kind {
+            REC_HEADER => self.header_record(&payload)?,
+            REC_CHUNK => self.chunk_record(&payload)?,
+            _ => self.trailer_record(&payload)?,
+        };
+        self.consume(head + len);
+        Ok(Some(events))
+    }
+
+    fn header_record(&mut self, p: &[u8]) -> Result<Vec<Event>, BundleError> {
+        if self.header.is_some() {
+            return Err(self.bad("a second header"));
+        }
+        let mut r = Reader::new(p);
+        let manifest_digest = r.digest("manifest digest")?;
+        let manifest = r.bytes(16 << 20, "manifest")?.to_vec();
+        let config = r.bytes(16 << 20, "config")?.to_vec();
+        let platform: Platform = r.string(4096, "platform")?.parse()?;
+        if Digest::of(&manifest) != manifest_digest {
+            return Err(self.bad("the manifest does not match its digest"));
+        }
+        let n = r.varint_max(crate::toc::MAX_ENTRIES, "entry count")?;
+        let mut entries = Vec::with_capacity((n as usize).min(r.remaining() / 9));
+        for _ in 0..n {
+            entries.push(crate::toc::decode_entry(&mut r)?);
+        }
+        let n = r.varint_max(MAX_CONTENTS, "content count")?;
+        let mut contents = Vec::with_capacity((n as usize).min(r.remaining() / 33));
+        for _ in 0..n {
+            let digest = r.digest("content digest")?;
+            let size = r.varint("content size")?;
+            if size == 0 {
+                return Err(self.bad("an empty content in the content table"));
+            }
+            contents.push(ContentRef { digest, size });
+        }
+        r.finish()?;
+        self.header = Some(contents.clone());
+        Ok(vec![Event::Header(Box::new(Header {
+            manifest_digest,
+            manifest,
+            config,
+            platform,
+            entries,
+            contents,
+        }))])
+    }
+
+    fn chunk_record(&mut self, p: &[u8]) -> Result<Vec<Event>, BundleError> {
+        let contents = self.header.as_ref().ok_or_else(|| self.bad("a chunk before the header"))?;
+        let mut r = Reader::new(p);
+        let index = r.varint("content index")?;
+        let offset = r.varint("chunk offset")?;
+        let frame = &p[r.position()..];
+        let c = *contents
+            .get(index as usize)
+            .ok_or_else(|| self.bad(format!("content index {index} out of range")))?;
+        let prog =
+            self.progress.entry(index).or_insert_with(|| Progress { received: 0, hasher: Hasher::new() });
+        if offset != prog.received || prog.received >= c.size {
+            return Err(BundleError::Bad {
+                offset: self.base,
+                why: format!("chunk of content {index} at {offset}, expected {}", prog.received),
+            });
+        }
+        let want = (c.size - offset).min(CHUNK_SIZE) as usize;
+        let data = zstd::bulk::decompress(frame, want).map_err(|e| BundleError::Bad {
+            offset: self.base,
+            why: format!("chunk of content {index} does not decompress: {e}"),
+        })?;
+        if data.len() != want {
+            return Err(BundleError::Bad {
+                offset: self.base,
+                why: format!("chunk of content {index} holds {} bytes, expected {want}", data.len()),
+            });
+        }
+        prog.hasher.update(&data);
+        prog.received += data.len() as u64;
+        let mut events = vec![Event::Chunk { index, offset, data }];
+        if prog.received == c.size {
+            let Progress { hasher, .. } = self.progress.remove(&index).unwrap_or_else(|| unreachable!());
+            if hasher.finish() != c.digest {
+                return Err(BundleError::DigestMismatch { index, digest: c.digest });
+            }
+            self.done += 1;
+            self.done_bytes += c.size;
+            events.push(Event::ContentDone { index, digest: c.digest });
+        }
+        Ok(events)
+    }
+
+    fn trailer_record(&mut self, p: &[u8]) -> Result<Vec<Event>, BundleError> {
+        let total = self.header.as_ref().ok_or_else(|| self.bad("a trailer before the header"))?.len() as u64;
+        let mut r = Reader::new(p);
+        let count = r.varint("trailer count")?;
+        let bytes = r.varint("trailer bytes")?;
+        r.finish()?;
+        if count != self.done || bytes != self.done_bytes || count != total {
+            return Err(self.bad(format!(
+                "trailer says {count} contents / {bytes} bytes; received {} of {total} / {} bytes",
+                self.done, self.done_bytes
+            )));
+        }
+        self.ended = true;
+        Ok(vec![Event::End])
+    }
+}

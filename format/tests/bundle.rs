@@ -1,0 +1,171 @@
+//! The delta bundle stream: round trips in any byte split, and every way a stream can lie.
+
+use proptest::prelude::*;
+use starlight_format::bundle::*;
+use starlight_format::{CHUNK_SIZE, Digest, Entry, Kind};
+
+fn header(contents: &[Vec<u8>]) -> Header {
+    let manifest = br#"{"schemaVersion":2}"#.to_vec();
+    let entries = contents
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Entry {
+            path: format!("f{i}").into_bytes(),
+            kind: Kind::File { size: c.len() as u64, digest: Some(Digest::of(c)) },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        })
+        .collect();
+    Header {
+        manifest_digest: Digest::of(&manifest),
+        manifest,
+        config: b"{}".to_vec(),
+        platform: "linux/amd64".parse().unwrap(),
+        entries,
+        contents: contents
+            .iter()
+            .map(|c| ContentRef { digest: Digest::of(c), size: c.len() as u64 })
+            .collect(),
+    }
+}
+
+/// A bundle as the gateway writes it: stored zstd frames behind chunk prefixes.
+fn encode(contents: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = encode_header(&header(contents));
+    let mut bytes = 0;
+    for (i, c) in contents.iter().enumerate() {
+        for (k, chunk) in c.chunks(CHUNK_SIZE as usize).enumerate() {
+            let frame = zstd::bulk::compress(chunk, 1).unwrap();
+            out.extend(chunk_prefix(i as u64, (k as u64) * CHUNK_SIZE, frame.len()));
+            out.extend(frame);
+        }
+        bytes += c.len() as u64;
+    }
+    out.extend(encode_trailer(contents.len() as u64, bytes));
+    out
+}
+
+/// Decodes in pieces of `step` bytes and reassembles the verified contents.
+fn decode(stream: &[u8], step: usize) -> Result<(Header, Vec<Vec<u8>>), BundleError> {
+    let mut d = Decoder::new();
+    let mut header = None;
+    let mut contents: Vec<Vec<u8>> = Vec::new();
+    let mut done = 0;
+    for piece in stream.chunks(step.max(1)) {
+        for ev in d.feed(piece)? {
+            match ev {
+                Event::Header(h) => {
+                    contents = vec![Vec::new(); h.contents.len()];
+                    header = Some(*h);
+                }
+                Event::Chunk { index, offset, data } => {
+                    assert_eq!(contents[index as usize].len() as u64, offset);
+                    contents[index as usize].extend(data);
+                }
+                Event::ContentDone { .. } => done += 1,
+                Event::End => assert_eq!(done, contents.len()),
+            }
+        }
+    }
+    d.finish()?;
+    Ok((header.unwrap(), contents))
+}
+
+fn sample() -> Vec<Vec<u8>> {
+    let big: Vec<u8> = (0..(CHUNK_SIZE as usize * 2 + 777)).map(|i| (i * 31 % 253) as u8).collect();
+    vec![b"hello\n".to_vec(), big, b"x".to_vec()]
+}
+
+#[test]
+fn round_trips_whole_and_byte_by_byte() {
+    let contents = sample();
+    let stream = encode(&contents);
+    for step in [stream.len(), 65536, 4097, 1] {
+        if step == 1 {
+            // Byte by byte over the small contents only, to keep the test fast.
+            let small = vec![b"hello\n".to_vec(), b"x".to_vec()];
+            let (h, got) = decode(&encode(&small), 1).unwrap();
+            assert_eq!((h, got), (header(&small), small.clone()));
+            continue;
+        }
+        let (h, got) = decode(&stream, step).unwrap();
+        assert_eq!(h, header(&contents));
+        assert_eq!(got, contents);
+    }
+}
+
+#[test]
+fn an_empty_bundle_is_a_header_and_a_trailer() {
+    let (h, got) = decode(&encode(&[]), 3).unwrap();
+    assert!(h.contents.is_empty() && got.is_empty());
+}
+
+#[test]
+fn tampered_content_is_rejected() {
+    let contents = vec![b"the real bytes".to_vec()];
+    let mut h = header(&contents);
+    h.contents[0].digest = Digest::of(b"something else");
+    let mut stream = encode_header(&h);
+    let frame = zstd::bulk::compress(&contents[0], 1).unwrap();
+    stream.extend(chunk_prefix(0, 0, frame.len()));
+    stream.extend(frame);
+    let err = decode(&stream, 100).unwrap_err();
+    assert!(matches!(err, BundleError::DigestMismatch { index: 0, .. }), "{err}");
+}
+
+#[test]
+fn a_stream_without_its_trailer_is_truncated() {
+    let stream = encode(&sample());
+    for cut in [0, 5, 9, 200, stream.len() / 2, stream.len() - 1] {
+        let err = decode(&stream[..cut], 4096).unwrap_err();
+        assert!(matches!(err, BundleError::Truncated { .. }), "cut {cut}: {err}");
+    }
+}
+
+#[test]
+fn out_of_order_and_unknown_chunks_are_rejected() {
+    let contents = sample();
+    let mut stream = encode_header(&header(&contents));
+    let frame = zstd::bulk::compress(&contents[1][CHUNK_SIZE as usize..2 * CHUNK_SIZE as usize], 1).unwrap();
+    stream.extend(chunk_prefix(1, CHUNK_SIZE, frame.len()));
+    stream.extend(&frame);
+    assert!(matches!(decode(&stream, 1 << 20), Err(BundleError::Bad { .. })));
+
+    let mut stream = encode_header(&header(&contents));
+    let frame = zstd::bulk::compress(b"x", 1).unwrap();
+    stream.extend(chunk_prefix(9, 0, frame.len()));
+    stream.extend(&frame);
+    assert!(matches!(decode(&stream, 1 << 20), Err(BundleError::Bad { .. })));
+}
+
+#[test]
+fn a_lying_trailer_is_rejected() {
+    let contents = vec![b"a".to_vec()];
+    let mut stream = encode(&contents);
+    let trailer = encode_trailer(1, 1);
+    stream.truncate(stream.len() - trailer.len());
+    stream.extend(encode_trailer(2, 2));
+    assert!(matches!(decode(&stream, 7), Err(BundleError::Bad { .. })));
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        let mut framed = b"SLBNDL\x01\x00".to_vec();
+        framed.extend_from_slice(&data);
+        let _ = Decoder::new().feed(&framed);
+        let _ = Decoder::new().feed(&data);
+    }
+
+    #[test]
+    fn any_split_decodes_the_same(contents in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 0..6), step in 1usize..200) {
+        let stream = encode(&contents);
+        let (h, got) = decode(&stream, step).unwrap();
+        prop_assert_eq!(h, header(&contents));
+        prop_assert_eq!(got, contents);
+    }
+}
