@@ -85,14 +85,7 @@ async fn debian_image_from_registry_and_from_layout() {
         let blob = layout.join("blobs/sha256").join(layer.digest.hex());
         compare_with_tar(&blob, &toc);
         // Every content reads back from the store and matches its digest.
-        let digests: Vec<Digest> = toc
-            .entries
-            .iter()
-            .filter_map(|e| match e.kind {
-                Kind::File { digest, .. } => digest,
-                _ => None,
-            })
-            .collect();
+        let digests: Vec<Digest> = toc.content_digests().collect();
         let locs = index.get_contents(&digests).await.unwrap();
         for (d, loc) in digests.iter().zip(locs) {
             copy_content(&store, d, &loc.expect("indexed"), &mut std::io::sink()).await.unwrap();
@@ -301,14 +294,7 @@ async fn flattened_image_equals_umoci_unpack() {
 
     let ours = data.path().join("ours");
     std::fs::create_dir(&ours).unwrap();
-    let digests: Vec<Digest> = flat_toc
-        .entries
-        .iter()
-        .filter_map(|e| match e.kind {
-            Kind::File { digest, .. } => digest,
-            _ => None,
-        })
-        .collect();
+    let digests: Vec<Digest> = flat_toc.content_digests().collect();
     let locs: HashMap<Digest, _> = digests
         .iter()
         .copied()

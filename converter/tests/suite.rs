@@ -99,30 +99,13 @@ async fn dedup_and_skip(b: &Backend, work: &std::path::Path, v1_tar: &[u8]) {
     let tree = work.join("tree-v2");
     build_tree(&tree, 1);
     let v2_tar_path = work.join("v2.tar");
-    gnu_tar(&[
-        "--format=pax",
-        "--xattrs",
-        "--xattrs-include=*",
-        "--numeric-owner",
-        "-cf",
-        v2_tar_path.to_str().unwrap(),
-        "-C",
-        tree.to_str().unwrap(),
-        ".",
-    ]);
+    pax_tar(&tree, &v2_tar_path);
     let v2_tar = std::fs::read(&v2_tar_path).unwrap();
     let blob = compress(&v2_tar, Compression::Gzip);
     let v2 = convert(&b.conv, blob.clone(), expect("v2", Compression::Gzip, &blob, &v2_tar)).await.unwrap();
     assert!(v2.converted);
     let toc = b.conv.load_toc(&v2.record).await.unwrap();
-    let digests: Vec<Digest> = toc
-        .entries
-        .iter()
-        .filter_map(|e| match e.kind {
-            Kind::File { digest: Some(d), .. } => Some(d),
-            _ => None,
-        })
-        .collect();
+    let digests: Vec<Digest> = toc.content_digests().collect();
     let unique: HashSet<Digest> = digests.iter().copied().collect();
     assert!(unique.len() < digests.len(), "the tree has one content under two paths");
     let locs = b.conv.index.get_contents(&digests).await.unwrap();

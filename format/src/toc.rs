@@ -122,6 +122,14 @@ impl Toc {
         Ok(Toc { diff_id, entries })
     }
 
+    /// The content digests of the regular files with content, in entry order (repeats included).
+    pub fn content_digests(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.entries.iter().filter_map(|e| match e.kind {
+            Kind::File { digest, .. } => digest,
+            _ => None,
+        })
+    }
+
     /// The digest of the encoded TOC, which names it in the object store.
     pub fn digest(&self) -> Digest {
         Digest::of(&self.encode())

@@ -16,7 +16,7 @@ use starlight_converter::index::{AnyIndex, Index, RedbIndex, RedisIndex};
 use starlight_converter::layer::{Compression, Expect, Options};
 use starlight_converter::store::{AnyStore, LocalStore, S3Store};
 use starlight_converter::{Converter, LayerOutcome};
-use starlight_format::{Digest, Kind, Toc};
+use starlight_format::{Digest, Toc};
 
 pub type Conv = Converter<AnyStore, AnyIndex>;
 
@@ -199,18 +199,24 @@ pub fn make_tars(tree: &Path, out: &Path) -> Vec<(String, std::path::PathBuf)> {
     let pax = out.join("pax.tar");
     let src = tree.to_str().unwrap();
     gnu_tar(&["--format=gnu", "-S", "--numeric-owner", "-cf", gnu.to_str().unwrap(), "-C", src, "."]);
+    pax_tar(tree, &pax);
+    vec![("gnu".into(), gnu), ("pax".into(), pax)]
+}
+
+/// Tars `tree` into `out` in PAX format with xattrs, as the fidelity layers are made.
+pub fn pax_tar(tree: &Path, out: &Path) {
+    let (src, dst) = (tree.to_str().unwrap(), out.to_str().unwrap());
     gnu_tar(&[
         "--format=pax",
         "--xattrs",
         "--xattrs-include=*",
         "--numeric-owner",
         "-cf",
-        pax.to_str().unwrap(),
+        dst,
         "-C",
         src,
         ".",
     ]);
-    vec![("gnu".into(), gnu), ("pax".into(), pax)]
 }
 
 /// Compresses a tar as a registry layer would be.
@@ -247,14 +253,7 @@ pub async fn convert(
 /// Extracts a converted layer from TOC + store into `dir`, the way extracting its tar would.
 pub async fn extract(conv: &Conv, outcome: &LayerOutcome, dir: &Path) -> Toc {
     let toc = load_toc(&conv.store, &outcome.record).await.unwrap();
-    let digests: Vec<Digest> = toc
-        .entries
-        .iter()
-        .filter_map(|e| match &e.kind {
-            Kind::File { digest: Some(d), .. } => Some(*d),
-            _ => None,
-        })
-        .collect();
+    let digests: Vec<Digest> = toc.content_digests().collect();
     let locs = conv.index.get_contents(&digests).await.unwrap();
     let map: HashMap<Digest, _> =
         digests.iter().copied().zip(locs.into_iter().map(|l| l.expect("every content is indexed"))).collect();
