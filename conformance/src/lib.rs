@@ -6,10 +6,12 @@
 //!   guard drops. A missing server binary fails the test with the command that installs it.
 //!   [`servers::Containerd`] runs a private containerd driven with `ctr`.
 //! - [`images`]: real Debian-based test images (debootstrap + apt), built once and cached.
+//! - [`layout`]: synthetic images, layer by layer, written as OCI layouts (every OCI edge case).
 //! - [`fstree`]: tree snapshots and differences, attribute for attribute.
 //! - [`oci`]: the OCI distribution-spec conformance workflows ([`oci::run`] → [`oci::Report`]).
 
 pub mod fstree;
 pub mod images;
+pub mod layout;
 pub mod oci;
 pub mod servers;

@@ -252,15 +252,25 @@ pub struct Registry {
 impl Registry {
     /// A registry without authentication.
     pub fn start() -> Registry {
-        Self::start_inner(None)
+        Self::start_inner(None, "")
     }
 
     /// A registry that requires HTTP basic authentication as `user`/`pass`.
     pub fn start_with_htpasswd(user: &str, pass: &str) -> Registry {
-        Self::start_inner(Some((user, pass)))
+        Self::start_inner(Some((user, pass)), "")
     }
 
-    fn start_inner(auth: Option<(&str, &str)>) -> Registry {
+    /// A registry that POSTs its notifications (pushes, pulls) to `url` with
+    /// `Authorization: Bearer token`.
+    pub fn start_with_notifications(url: &str, token: &str) -> Registry {
+        let extra = format!(
+            "notifications:\n  endpoints:\n    - name: starlight\n      url: {url}\n      headers:\n        \
+             Authorization: [\"Bearer {token}\"]\n      timeout: 5s\n      threshold: 5\n      backoff: 1s\n"
+        );
+        Self::start_inner(None, &extra)
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>, extra: &str) -> Registry {
         let bin = require("docker-registry", INSTALL_REGISTRY);
         let dir = tempdir("registry");
         let port = free_port();
@@ -278,6 +288,7 @@ impl Registry {
                 htpasswd.display()
             ));
         }
+        config.push_str(extra);
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("write {}: {e}", config_path.display()));

@@ -94,3 +94,19 @@ impl<F: FnOnce(u64, bool)> http_body::Body for Observed<F> {
         self.inner.size_hint()
     }
 }
+
+/// Reads a whole (small) body: at most `max` bytes, else an error that says so.
+pub async fn collect_capped(mut body: Body, max: usize) -> Result<Bytes, String> {
+    use http_body_util::BodyExt;
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > max {
+                return Err(format!("body larger than {max} bytes"));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}

@@ -31,6 +31,22 @@ pub struct Config {
     pub max_manifest_bytes: u64,
     /// Time in-flight requests get to finish after a shutdown signal.
     pub shutdown_grace: f64,
+    /// `USER:PASSWORD` the gateway uses for conversions nobody's request pays for (push
+    /// notifications); a caller's own `Authorization` is used for conversions on demand.
+    pub upstream_credentials: Option<String>,
+    /// Bearer token push notifications must carry (`Authorization: Bearer TOKEN`); without one,
+    /// the notification endpoint is off.
+    pub webhook_token: Option<String>,
+    /// Platforms converted when an image index is pushed (`os/arch[/variant]`); the host's if empty.
+    pub platforms: Vec<String>,
+    /// A conversion taking longer than this fails (its waiters get 504).
+    pub convert_timeout: f64,
+    /// Directory for conversion scratch files (default: the system's temporary directory).
+    pub work_dir: Option<std::path::PathBuf>,
+    /// Images whose flattened metadata is kept in memory.
+    pub cache_images: usize,
+    /// Bytes of stored frames read ahead per bundle.
+    pub bundle_read_ahead: u64,
     /// OTLP gRPC endpoint for traces (else `OTEL_EXPORTER_OTLP_ENDPOINT`, read by the binary).
     pub otlp_endpoint: Option<String>,
     /// `text` or `json` logs.
@@ -51,6 +67,13 @@ impl Default for Config {
             max_header_bytes: 64 * 1024,
             max_manifest_bytes: 4 << 20,
             shutdown_grace: 30.0,
+            upstream_credentials: None,
+            webhook_token: None,
+            platforms: Vec::new(),
+            convert_timeout: 1800.0,
+            work_dir: None,
+            cache_images: 64,
+            bundle_read_ahead: 8 << 20,
             otlp_endpoint: None,
             log_format: "text".into(),
         }
@@ -96,6 +119,7 @@ impl Config {
             ("upstream_timeout", self.upstream_timeout),
             ("header_read_timeout", self.header_read_timeout),
             ("shutdown_grace", self.shutdown_grace),
+            ("convert_timeout", self.convert_timeout),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return invalid(key, "must be a positive number of seconds");
@@ -106,6 +130,19 @@ impl Config {
         }
         if self.max_header_bytes < 8192 {
             return invalid("max_header_bytes", "must be at least 8192");
+        }
+        if let Some(c) = &self.upstream_credentials
+            && !c.contains(':')
+        {
+            return invalid("upstream_credentials", "must be USER:PASSWORD");
+        }
+        for p in &self.platforms {
+            if let Err(e) = p.parse::<starlight_format::Platform>() {
+                return Err(ConfigError::Invalid { key: "platforms", why: e.to_string() });
+            }
+        }
+        if self.bundle_read_ahead < (1 << 20) {
+            return invalid("bundle_read_ahead", "must be at least 1 MiB (1048576)");
         }
         if self.log_format != "text" && self.log_format != "json" {
             return invalid("log_format", "must be text or json");

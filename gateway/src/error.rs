@@ -24,6 +24,15 @@ pub enum GatewayError {
     Overloaded,
     #[error("request took longer than {0:?}")]
     Timeout(std::time::Duration),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// The upstream's image cannot be converted (a hostile or unsupported layer, a bad manifest).
+    #[error("cannot convert the image: {0}")]
+    Unconvertible(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -40,6 +49,10 @@ impl GatewayError {
             GatewayError::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             GatewayError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
             GatewayError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
+            GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
+            GatewayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            GatewayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            GatewayError::Unconvertible(_) => (StatusCode::UNPROCESSABLE_ENTITY, "MANIFEST_INVALID"),
             GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }

@@ -10,6 +10,7 @@
 //! - [`route`]: path classification and repository-name validation.
 //! - [`error`]: [`GatewayError`] and the one mapping to OCI error JSON.
 //! - [`server`]: connections, limits, graceful shutdown.
+//! - [`starlight`]: the Starlight endpoints: delta bundles, traces, push notifications.
 
 pub mod body;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod route;
 pub mod router;
 pub mod server;
 pub mod stack;
+pub mod starlight;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +36,17 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    run_with(listener, config, None, shutdown).await
+}
+
+/// [`run`], with the Starlight store and index already open (tests, embedders) instead of opened
+/// from `config.store` and `config.index` on first use.
+pub async fn run_with(
+    listener: TcpListener,
+    config: Config,
+    backends: Option<starlight::Backends>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
     config.validate().map_err(|e| e.to_string())?;
     let upstream = proxy::Upstream::parse(&config.upstream)?;
     let proxy = proxy::Proxy::new(
@@ -41,17 +54,19 @@ pub async fn run(
         Config::secs(config.connect_timeout),
         Config::secs(config.upstream_timeout),
     )?;
-    let shared = Arc::new(router::Shared {
-        proxy,
-        metrics: Arc::new(layers::Metrics::default()),
-        max_manifest_bytes: config.max_manifest_bytes,
-    });
+    let metrics = Arc::new(layers::Metrics::default());
+    let starlight = Arc::new(starlight::Starlight::new(&config, proxy.clone(), metrics.clone(), backends));
+    let shared =
+        Arc::new(router::Shared { proxy, metrics, max_manifest_bytes: config.max_manifest_bytes, starlight });
     let service = stack::build(
         shared,
         &stack::StackConfig {
             max_concurrency: config.max_concurrency,
-            // Above the upstream timeout, so that the proxy's more precise 504 wins.
-            request_timeout: Config::secs(config.upstream_timeout + config.connect_timeout + 5.0),
+            // A backstop above the proxy's upstream timeout and the conversion timeout, so that
+            // their more precise answers win.
+            request_timeout: Config::secs(
+                (config.upstream_timeout + config.connect_timeout).max(config.convert_timeout) + 5.0,
+            ),
         },
     );
     let server_cfg = server::ServerConfig {

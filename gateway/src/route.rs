@@ -20,6 +20,8 @@ pub enum Route {
         name: String,
         kind: Kind,
     },
+    /// Push notifications from the registry: `/v2/_starlight/notifications`.
+    Notifications,
     /// A Starlight extension endpoint: `/v2/<name>/_starlight/<rest>`.
     Starlight {
         name: String,
@@ -58,7 +60,7 @@ impl Route {
             Route::Base => "base",
             Route::Catalog => "catalog",
             Route::Registry { kind, .. } => kind.as_str(),
-            Route::Starlight { .. } => "starlight",
+            Route::Starlight { .. } | Route::Notifications => "starlight",
         }
     }
 
@@ -112,6 +114,7 @@ pub fn classify(path: &str) -> Result<Route, GatewayError> {
         "/metrics" => return Ok(Route::Metrics),
         "/v2" | "/v2/" => return Ok(Route::Base),
         "/v2/_catalog" => return Ok(Route::Catalog),
+        "/v2/_starlight/notifications" => return Ok(Route::Notifications),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {

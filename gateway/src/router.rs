@@ -22,6 +22,7 @@ pub struct Shared {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub max_manifest_bytes: u64,
+    pub starlight: Arc<crate::starlight::Starlight>,
 }
 
 /// Routes each request to its branch.
@@ -74,8 +75,10 @@ where
                     );
                     Ok(r)
                 }
-                // No Starlight endpoint is served yet: say so the OCI way.
-                Route::Starlight { .. } => Err(GatewayError::NotFound.into()),
+                Route::Starlight { name, rest } => {
+                    Ok(shared.starlight.clone().handle(&name, &rest, req).await?)
+                }
+                Route::Notifications => Ok(shared.starlight.clone().notifications(req).await?),
                 Route::Registry { kind: Kind::Manifest, .. } if req.method() == Method::PUT => {
                     let req = limit_body(req, shared.max_manifest_bytes)?;
                     Ok(shared.proxy.forward(req).await?)

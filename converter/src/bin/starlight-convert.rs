@@ -83,6 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             credentials: args.creds,
             platform: args.platform,
             name: args.name,
+            ..SourceOptions::default()
         },
     )?;
     let out = Converter::new(store, index, options).convert(&source).await?;

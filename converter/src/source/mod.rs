@@ -34,6 +34,9 @@ pub struct SourceOptions {
     /// Use `http://` for the registry (loopback test registries).
     pub plain_http: bool,
     pub credentials: Option<Credentials>,
+    /// An `Authorization` value to send from the first request on (a caller's token, forwarded by
+    /// the gateway); a challenge is still answered with `credentials` if the registry refuses it.
+    pub authorization: Option<String>,
     /// Platform to pick from an image index; the host's when unset.
     pub platform: Option<Platform>,
     /// Name recorded for an image from an OCI layout (default: the directory's name).
@@ -288,6 +291,24 @@ impl Source {
             },
         })
     }
+}
+
+/// If `manifest` is an image index (or Docker manifest list), the digest of its entry for `want`:
+/// `Ok(None)` when it is not an index, an error when it is one without a match or is malformed.
+pub fn index_child(
+    manifest: &[u8],
+    media_type: Option<&str>,
+    want: &Platform,
+) -> Result<Option<Digest>, String> {
+    let m: ManifestJson = parse_json(manifest)?;
+    let mt = media_type.map(str::to_string).or(m.media_type.clone()).unwrap_or_default();
+    let is_index = mt == OCI_INDEX || mt == DOCKER_LIST || (mt.is_empty() && m.manifests.is_some());
+    if !is_index {
+        return Ok(None);
+    }
+    let list = m.manifests.as_deref().unwrap_or_default();
+    let pick = pick_platform(list, want).ok_or_else(|| format!("the index has no manifest for {want}"))?;
+    pick.digest.parse().map(Some).map_err(|e| format!("index entry: {e}"))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {

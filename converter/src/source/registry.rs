@@ -25,6 +25,22 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+impl Credentials {
+    /// The `Authorization: Basic ...` value for these credentials.
+    pub fn basic_header(&self) -> String {
+        format!("Basic {}", base64_encode(format!("{}:{}", self.username, self.password).as_bytes()))
+    }
+
+    /// Reads the credentials of an `Authorization: Basic ...` value.
+    pub fn from_basic_header(value: &str) -> Option<Credentials> {
+        let (scheme, b64) = value.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        String::from_utf8(base64_decode(b64.trim())?).ok()?.parse().ok()
+    }
+}
+
 impl std::str::FromStr for Credentials {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -74,6 +90,12 @@ impl RegistrySource {
             .read_timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|e| bad(&format!("HTTP client: {e}")))?;
+        let auth = match &opts.authorization {
+            Some(a) => {
+                Some(HeaderValue::from_str(a).map_err(|_| bad("authorization is not a valid header"))?)
+            }
+            None => None,
+        };
         Ok(RegistrySource {
             host: host.into(),
             repo: repo.into(),
@@ -81,7 +103,7 @@ impl RegistrySource {
             digest,
             opts,
             http,
-            auth: Mutex::new(None),
+            auth: Mutex::new(auth),
         })
     }
 
@@ -149,10 +171,7 @@ impl RegistrySource {
     async fn answer_challenge(&self, challenge: &str, what: &str) -> Result<HeaderValue, ConvertError> {
         let (scheme, params) = parse_challenge(challenge);
         let creds = self.opts.credentials.as_ref();
-        let basic = |c: &Credentials| {
-            use base64_encode as b64;
-            format!("Basic {}", b64(format!("{}:{}", c.username, c.password).as_bytes()))
-        };
+        let basic = Credentials::basic_header;
         let header = |s: String| {
             HeaderValue::from_str(&s).map_err(|_| self.err(what, "credentials are not a valid header"))
         };
@@ -298,6 +317,34 @@ fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
     (scheme.to_string(), params)
 }
 
+/// Standard base64 (with or without padding).
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c)? << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..chunk.len() - 1]);
+    }
+    Some(out)
+}
+
 /// Standard base64 with padding (for HTTP Basic auth; not worth a dependency).
 fn base64_encode(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -320,6 +367,18 @@ fn base64_encode(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_headers_roundtrip() {
+        let c = Credentials { username: "user".into(), password: "pa:ss".into() };
+        assert_eq!(c.basic_header(), "Basic dXNlcjpwYTpzcw==");
+        let back = Credentials::from_basic_header(&c.basic_header()).unwrap();
+        assert_eq!((back.username.as_str(), back.password.as_str()), ("user", "pa:ss"));
+        assert_eq!(base64_decode("YWI").unwrap(), b"ab");
+        assert!(base64_decode("Y").is_none());
+        assert!(base64_decode("a$bc").is_none());
+        assert!(Credentials::from_basic_header("Bearer x").is_none());
+    }
 
     #[test]
     fn challenges() {

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub response_bytes: Family<RouteLabels, Counter>,
     pub cut_short: Family<RouteLabels, Counter>,
     pub in_flight: Gauge,
+    /// Conversions on demand or on push, by result.
+    pub conversions: Family<crate::starlight::ResultLabel, Counter>,
+    pub bundles: Counter,
+    pub bundle_contents: Counter,
 }
 
 impl Default for Metrics {
@@ -76,7 +80,26 @@ impl Default for Metrics {
             "Requests whose response has not ended",
             in_flight.clone(),
         );
-        Metrics { registry, requests, head_seconds, response_bytes, cut_short, in_flight }
+        let conversions = Family::<crate::starlight::ResultLabel, Counter>::default();
+        let (bundles, bundle_contents) = (Counter::default(), Counter::default());
+        registry.register(
+            "conversions",
+            "Image conversions run by the gateway, by result",
+            conversions.clone(),
+        );
+        registry.register("bundles", "Bundles served", bundles.clone());
+        registry.register("bundle_contents", "Contents sent in bundles", bundle_contents.clone());
+        Metrics {
+            registry,
+            requests,
+            head_seconds,
+            response_bytes,
+            cut_short,
+            in_flight,
+            conversions,
+            bundles,
+            bundle_contents,
+        }
     }
 }
 

@@ -78,3 +78,19 @@ pub async fn read_all(s: &mut TcpStream, wait: Duration) -> String {
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
+
+pub mod bundle;
+
+/// Starts a gateway on an already bound listener, with Starlight storage given.
+pub async fn start_on(
+    listener: TcpListener,
+    config: Config,
+    backends: Option<starlight_gateway::starlight::Backends>,
+) -> Gateway {
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(starlight_gateway::run_with(listener, config, backends, async {
+        let _ = rx.await;
+    }));
+    Gateway { addr, stop: Some(tx), task: Some(task) }
+}

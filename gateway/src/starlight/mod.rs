@@ -1,0 +1,468 @@
+//! The Starlight endpoints (see `docs/api.md` for the reference):
+//!
+//! - `GET|POST /v2/<name>/_starlight/bundle?to=REF[&have=[NAME@]DIGEST]...[&platform=OS/ARCH[/VARIANT]]`:
+//!   the delta bundle. A POST body lists contents the caller already holds (one digest per line),
+//!   which is how an interrupted pull resumes.
+//! - `POST /v2/<name>/_starlight/traces?image=DIGEST`: a start-up trace (one path per line, in the
+//!   order first used), merged into the image's ranks. Needs push rights on `<name>`.
+//! - `POST /v2/_starlight/notifications`: Distribution's and Harbor's push notifications; pushed
+//!   images are converted before their first pull.
+//!
+//! The store and index open on first use, so the pass-through works while they are down.
+
+mod convert;
+mod image;
+pub mod order;
+mod query;
+mod stream;
+mod upstream;
+mod webhook;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use starlight_converter::content::read_content;
+use starlight_converter::layer::Options;
+use starlight_converter::source::{Credentials, index_child};
+use starlight_converter::{AnyIndex, AnyStore, Index, ObjectStore};
+use starlight_format::bundle::{ContentRef, Header, encode_header};
+use starlight_format::{ContentLocation, Digest, Platform};
+use tracing::{debug, info, warn};
+
+use crate::body::{Body, boxed, full};
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::layers::Metrics;
+use crate::proxy::Proxy;
+use image::Prepared;
+use query::BundleQuery;
+
+pub use convert::Upstream as ConvertUpstream;
+
+/// Media type of a bundle response.
+pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.starlight.bundle.v1";
+/// Largest request body of the bundle (held contents) and trace endpoints.
+const MAX_LIST_BODY: usize = 64 << 20;
+/// Index lookups per round trip.
+const LOOKUP_BATCH: usize = 4096;
+/// `have` images per request.
+const MAX_HAVE: usize = 32;
+
+/// The object store and the index, once open.
+#[derive(Debug)]
+pub struct Backends {
+    pub store: AnyStore,
+    pub index: AnyIndex,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// An index or store failure: the service behind the gateway is down.
+fn backend_error(e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Unavailable(format!("Starlight storage unavailable: {e}"))
+}
+
+/// State of the Starlight endpoints.
+#[derive(Debug)]
+pub struct Starlight {
+    proxy: Proxy,
+    store_spec: String,
+    index_spec: String,
+    backends: tokio::sync::OnceCell<Arc<Backends>>,
+    cache: image::Cache,
+    flights: convert::Flights,
+    /// One trace merge at a time per image (in this process).
+    trace_locks: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<Metrics>,
+    upstream: convert::Upstream,
+    credentials: Option<Credentials>,
+    webhook_token: Option<String>,
+    platforms: Vec<Platform>,
+    convert_timeout: Duration,
+    tmp_dir: std::path::PathBuf,
+    read_ahead: u64,
+}
+
+impl Starlight {
+    /// `backends`, when given, are used instead of opening `config.store` and `config.index`.
+    pub fn new(config: &Config, proxy: Proxy, metrics: Arc<Metrics>, backends: Option<Backends>) -> Self {
+        let base = proxy.upstream().base.clone();
+        let (scheme, host) = base.split_once("://").unwrap_or(("https", &base));
+        let cell = tokio::sync::OnceCell::new();
+        if let Some(b) = backends {
+            let _ = cell.set(Arc::new(b));
+        }
+        let mut platforms: Vec<Platform> = config.platforms.iter().filter_map(|p| p.parse().ok()).collect();
+        if platforms.is_empty() {
+            platforms.push(Platform::host());
+        }
+        Starlight {
+            upstream: convert::Upstream { host: host.to_string(), plain_http: scheme == "http" },
+            proxy,
+            store_spec: config.store.clone(),
+            index_spec: config.index.clone(),
+            backends: cell,
+            cache: image::Cache::new(config.cache_images),
+            flights: convert::Flights::default(),
+            trace_locks: Mutex::default(),
+            metrics,
+            credentials: config.upstream_credentials.as_deref().and_then(|c| c.parse().ok()),
+            webhook_token: config.webhook_token.clone(),
+            platforms,
+            convert_timeout: Config::secs(config.convert_timeout),
+            tmp_dir: config.work_dir.clone().unwrap_or_else(std::env::temp_dir),
+            read_ahead: config.bundle_read_ahead,
+        }
+    }
+
+    /// The store and index, opened on first use (a failed open is retried by the next request).
+    async fn backends(&self) -> Result<Arc<Backends>, GatewayError> {
+        self.backends
+            .get_or_try_init(|| async {
+                let store = AnyStore::open(&self.store_spec).await.map_err(backend_error)?;
+                let index = AnyIndex::open(&self.index_spec).await.map_err(backend_error)?;
+                info!(store = %self.store_spec, index = %self.index_spec, "Starlight storage open");
+                Ok(Arc::new(Backends { store, index }))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Serves `/v2/<name>/_starlight/<rest>`.
+    pub async fn handle(
+        self: Arc<Self>,
+        name: &str,
+        rest: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, GatewayError> {
+        match (rest, req.method()) {
+            ("bundle", &Method::GET | &Method::POST) => self.bundle(name, req).await,
+            ("traces", &Method::POST) => self.traces(name, req).await,
+            ("bundle" | "traces", m) => {
+                Err(GatewayError::BadRequest(format!("method {m} is not allowed on _starlight/{rest}")))
+            }
+            _ => Err(GatewayError::NotFound),
+        }
+    }
+
+    /// Serves `/v2/_starlight/notifications`.
+    pub async fn notifications(self: Arc<Self>, req: Request<Body>) -> Result<Response<Body>, GatewayError> {
+        webhook::handle(self, req).await
+    }
+
+    /// Resolves `reference` of `name` as the caller, to a platform manifest digest.
+    async fn resolve(
+        &self,
+        name: &str,
+        reference: &str,
+        platform: &Platform,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Result<Digest, Response<Body>>, GatewayError> {
+        let m = match upstream::get_manifest(&self.proxy, name, reference, auth).await? {
+            Ok(m) => m,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        match index_child(&m.bytes, m.media_type.as_deref(), platform) {
+            Ok(Some(child)) => Ok(Ok(child)),
+            Ok(None) => Ok(Ok(m.digest)),
+            Err(why) => Err(GatewayError::Unconvertible(format!("{name}:{reference}: {why}"))),
+        }
+    }
+
+    /// The image's record, converting it first if needed (once, however many ask).
+    async fn converted(
+        &self,
+        b: &Arc<Backends>,
+        name: &str,
+        digest: Digest,
+        platform: &Platform,
+        auth: Option<&HeaderValue>,
+    ) -> Result<starlight_format::ImageRecord, GatewayError> {
+        if let Some(r) = b.index.get_image(&digest).await.map_err(backend_error)? {
+            return Ok(r);
+        }
+        let authorization = auth.and_then(|a| a.to_str().ok()).map(str::to_string);
+        // A caller's Basic credentials also answer the registry's challenges (a token service).
+        let credentials =
+            authorization.as_deref().and_then(Credentials::from_basic_header).or(self.credentials.clone());
+        let job = convert::Job {
+            name: name.to_string(),
+            digest,
+            platform: platform.clone(),
+            authorization,
+            credentials,
+        };
+        let run = self.flights.convert(
+            b.clone(),
+            self.upstream.clone(),
+            Options::default(),
+            self.tmp_dir.clone(),
+            self.metrics.clone(),
+            job,
+        );
+        match tokio::time::timeout(self.convert_timeout, run).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::Timeout(self.convert_timeout)),
+        }
+    }
+
+    async fn bundle(self: Arc<Self>, name: &str, req: Request<Body>) -> Result<Response<Body>, GatewayError> {
+        let q = BundleQuery::parse(req.uri().query().unwrap_or(""))?;
+        let auth = req.headers().get(header::AUTHORIZATION).cloned();
+        let is_post = req.method() == Method::POST;
+        let platform = q.platform.clone().unwrap_or_else(Platform::host);
+
+        // Access first, storage second: an unauthorized caller learns nothing, not even whether the
+        // gateway's storage is up.
+        let digest = match self.resolve(name, &q.to, &platform, auth.as_ref()).await? {
+            Ok(d) => d,
+            Err(refusal) => return Ok(refusal),
+        };
+        let held: HashSet<Digest> =
+            if is_post { read_digests(req.into_body()).await? } else { HashSet::new() };
+        let b = self.backends().await?;
+        let record = self.converted(&b, name, digest, &platform, auth.as_ref()).await?;
+        let image = self.cache.prepare(&b.store, &b.index, record).await?;
+
+        // Contents of `have` images the caller may pull are not sent.
+        let mut have: HashSet<Digest> = HashSet::new();
+        let (mut used, mut ignored) = (0, 0);
+        for h in &q.have {
+            let repo = h.name.as_deref().unwrap_or(name);
+            let usable = upstream::may_pull(&self.proxy, repo, &h.digest, auth.as_ref()).await?;
+            let record =
+                if usable { b.index.get_image(&h.digest).await.map_err(backend_error)? } else { None };
+            match record {
+                Some(r) => {
+                    let p = self.cache.prepare(&b.store, &b.index, r).await?;
+                    have.extend(p.contents());
+                    used += 1;
+                }
+                None => {
+                    debug!(have = %h.digest, usable, "have image ignored");
+                    ignored += 1;
+                }
+            }
+        }
+
+        let startup = self.startup(&b, &image).await;
+        let ranks = self.load_ranks(&b, &image.record.manifest_digest).await;
+        let order = order::content_order(&image, ranks.as_ref(), &startup);
+        let send: Vec<Digest> =
+            order.into_iter().filter(|d| !have.contains(d) && !held.contains(d)).collect();
+        let mut locations: Vec<ContentLocation> = Vec::with_capacity(send.len());
+        for batch in send.chunks(LOOKUP_BATCH) {
+            let found = b.index.get_contents(batch).await.map_err(backend_error)?;
+            for (d, loc) in batch.iter().zip(found) {
+                locations.push(loc.ok_or_else(|| {
+                    GatewayError::Internal(format!("content {d} of image {digest} is not in the index"))
+                })?);
+            }
+        }
+        let header = Header {
+            manifest_digest: image.record.manifest_digest,
+            manifest: image.record.manifest.clone(),
+            config: image.record.config.clone(),
+            platform: image.record.platform.clone(),
+            entries: image.entries.clone(),
+            contents: send
+                .iter()
+                .zip(&locations)
+                .map(|(d, l)| ContentRef { digest: *d, size: l.size })
+                .collect(),
+        };
+        let content_bytes: u64 = locations.iter().map(|l| l.size).sum();
+        info!(
+            %name, image = %digest, contents = send.len(), content_bytes, have_used = used,
+            have_ignored = ignored, held = held.len(), "bundle"
+        );
+        self.metrics.bundles.inc();
+        self.metrics.bundle_contents.inc_by(send.len() as u64);
+        let n = send.len();
+        let body =
+            stream::BundleBody::start(encode_header(&header), locations, b.store.clone(), self.read_ahead);
+        let len = body.len();
+        let mut resp = Response::new(boxed(body));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(BUNDLE_MEDIA_TYPE));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        for (k, v) in [
+            ("starlight-image", digest.to_string()),
+            ("starlight-contents", n.to_string()),
+            ("starlight-content-bytes", content_bytes.to_string()),
+            ("starlight-have-used", used.to_string()),
+            ("starlight-have-ignored", ignored.to_string()),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(k, v);
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Paths the image starts with, found without traces; computed once per image and process.
+    async fn startup(&self, b: &Backends, p: &Prepared) -> Arc<Vec<Vec<u8>>> {
+        p.startup.get_or_init(|| async { Arc::new(self.find_startup(b, p).await) }).await.clone()
+    }
+
+    async fn find_startup(&self, b: &Backends, p: &Prepared) -> Vec<Vec<u8>> {
+        let dirs = order::library_dirs(p);
+        let mut queue: std::collections::VecDeque<Vec<u8>> = order::entry_programs(p).into();
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        while let Some(path) = queue.pop_front() {
+            if out.len() >= order::MAX_PROGRAMS {
+                break;
+            }
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            out.push(path.clone());
+            let Some(d) = p.content_of(&path) else { continue };
+            if p.sizes.get(&d).is_none_or(|s| *s > order::MAX_PROGRAM_BYTES) {
+                continue;
+            }
+            let data = match b.index.get_contents(&[d]).await {
+                Ok(mut v) => match v.pop().flatten() {
+                    Some(loc) => read_content(&b.store, &d, &loc).await,
+                    None => continue,
+                },
+                Err(e) => {
+                    warn!(error = %e, "start-up order: index lookup failed");
+                    break;
+                }
+            };
+            let data = match data {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(path = %String::from_utf8_lossy(&path), error = %e, "start-up order: unreadable program");
+                    continue;
+                }
+            };
+            let needs = order::needs(&data);
+            if let Some(i) = needs.interpreter.as_deref().and_then(|i| order::resolve(p, i)) {
+                queue.push_back(i);
+            }
+            let origin = &path[..path.iter().rposition(|&c| c == b'/').unwrap_or(0)];
+            let runpath = needs.runpath.iter().map(|r| {
+                let s = String::from_utf8_lossy(r)
+                    .replace("$ORIGIN", &format!("/{}", String::from_utf8_lossy(origin)));
+                s.into_bytes()
+            });
+            let search: Vec<Vec<u8>> = runpath.chain(dirs.iter().cloned()).collect();
+            for lib in &needs.libraries {
+                let found = search.iter().find_map(|dir| {
+                    let mut cand = dir.clone();
+                    cand.push(b'/');
+                    cand.extend_from_slice(lib);
+                    let r = order::resolve(p, &cand)?;
+                    p.content_of(&r).map(|_| r)
+                });
+                queue.extend(found);
+            }
+        }
+        debug!(image = %p.record.manifest_digest, paths = out.len(), "start-up order");
+        out
+    }
+
+    async fn load_ranks(&self, b: &Backends, image: &Digest) -> Option<order::Ranks> {
+        let key = order::ranks_key(image);
+        match b.store.size(&key).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(%key, error = %e, "trace ranks unavailable");
+                return None;
+            }
+        }
+        let data = b.store.get(&key, 256 << 20).await.ok()?;
+        match order::Ranks::decode(&data) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(%key, error = %e, "trace ranks unreadable; ignored");
+                None
+            }
+        }
+    }
+
+    async fn traces(self: Arc<Self>, name: &str, req: Request<Body>) -> Result<Response<Body>, GatewayError> {
+        let image: Digest = query::single(req.uri().query().unwrap_or(""), "image")?
+            .parse()
+            .map_err(|e| GatewayError::BadRequest(format!("image: {e}")))?;
+        let auth = req.headers().get(header::AUTHORIZATION).cloned();
+        if let Err(refusal) = upstream::may_push(&self.proxy, name, auth.as_ref()).await? {
+            return Ok(refusal);
+        }
+        if !upstream::may_pull(&self.proxy, name, &image, auth.as_ref()).await? {
+            return Err(GatewayError::BadRequest(format!("{name} has no image {image}")));
+        }
+        let body = crate::body::collect_capped(req.into_body(), MAX_LIST_BODY)
+            .await
+            .map_err(|e| GatewayError::BadRequest(format!("reading the trace: {e}")))?;
+        let b = self.backends().await?;
+        let record = b.index.get_image(&image).await.map_err(backend_error)?.ok_or_else(|| {
+            GatewayError::BadRequest(format!("image {image} is not converted; pull its bundle first"))
+        })?;
+        let prepared = self.cache.prepare(&b.store, &b.index, record).await?;
+        let mut trace = Vec::new();
+        for (i, line) in body.split(|&c| c == b'\n').enumerate() {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                continue;
+            }
+            let rel = line.strip_prefix(b"/").unwrap_or(line);
+            let path = starlight_format::path::normalize(rel)
+                .map_err(|e| GatewayError::BadRequest(format!("trace line {}: {e}", i + 1)))?;
+            if prepared.by_path.contains_key(&path) {
+                trace.push(path);
+            }
+        }
+        let lock = {
+            let mut locks =
+                self.trace_locks.lock().map_err(|_| GatewayError::Internal("trace lock".into()))?;
+            locks.entry(image).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let mut ranks = self.load_ranks(&b, &image).await.unwrap_or_default();
+        ranks.add(&trace);
+        b.store
+            .put_bytes(&order::ranks_key(&image), Bytes::from(ranks.encode()))
+            .await
+            .map_err(backend_error)?;
+        info!(%name, %image, paths = trace.len(), traces = ranks.traces, "trace merged");
+        let mut resp = Response::new(full(
+            serde_json::json!({"image": image.to_string(), "paths": trace.len(), "traces": ranks.traces})
+                .to_string(),
+        ));
+        *resp.status_mut() = StatusCode::ACCEPTED;
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(resp)
+    }
+}
+
+/// Reads a list of content digests, one per line.
+async fn read_digests(body: Body) -> Result<HashSet<Digest>, GatewayError> {
+    let data = crate::body::collect_capped(body, MAX_LIST_BODY)
+        .await
+        .map_err(|e| GatewayError::BadRequest(format!("reading the held-contents list: {e}")))?;
+    let text = std::str::from_utf8(&data)
+        .map_err(|_| GatewayError::BadRequest("the held-contents list is not UTF-8".into()))?;
+    let mut out = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        out.insert(
+            line.parse()
+                .map_err(|e| GatewayError::BadRequest(format!("held contents, line {}: {e}", i + 1)))?,
+        );
+    }
+    Ok(out)
+}

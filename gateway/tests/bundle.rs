@@ -1,0 +1,411 @@
+//! The delta bundle endpoint, end to end: a real registry, the gateway in front of it, both backend
+//! pairs. What a bundle's header and contents describe must equal `umoci unpack` of the same image.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::bundle::{fetch, materialize};
+use starlight_conformance::fstree::{Options, assert_same_tree};
+use starlight_conformance::images::skopeo_copy;
+use starlight_conformance::layout::{Layer, umoci_unpack, write_image};
+use starlight_conformance::servers::{Redis, Registry, S3Server};
+use starlight_converter::index::{AnyIndex, RedbIndex, RedisIndex};
+use starlight_converter::store::{AnyStore, LocalStore, S3Store};
+use starlight_format::Digest;
+use starlight_gateway::starlight::Backends;
+use tokio::net::TcpListener;
+
+/// Pseudo-random bytes (incompressible enough that large files span several stored frames).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// v1: three layers with every OCI edge case; v2: v1 plus a layer that changes a little.
+fn corpus(layout: &Path) {
+    let l1 = Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        .file("etc/hosts", b"127.0.0.1 localhost\n")
+        .dir("bin", 0o755)
+        .file_with("bin/tool", b"#!/bin/sh\necho tool v1\n", 0o755, 0, &[])
+        .dir("data", 0o755)
+        .file("data/big", &noise(1, 9 << 20))
+        .file("data/empty", b"")
+        .dir("opaque-me", 0o755)
+        .file("opaque-me/old1", b"old one")
+        .dir("opaque-me/sub", 0o750)
+        .file("opaque-me/sub/old2", b"old two")
+        .dir("dir-then-file", 0o755)
+        .file("dir-then-file/inner", b"inside a directory that becomes a file")
+        .file("file-then-dir", b"a file that becomes a directory")
+        .symlink("replaced-link", "etc/passwd")
+        .dir("linked", 0o755)
+        .file("linked/original", b"shared by hard links across layers")
+        .hardlink("linked/alias", "linked/original")
+        .file_with(
+            "xattrs",
+            b"with attributes",
+            0o640,
+            0,
+            &[("user.starlight", b"yes"), ("user.bin", &[0, 1, 2, 255])],
+        )
+        .file_with("owned", b"owned by 1000", 0o600, 1000, &[])
+        .file_with("setuid", b"setuid program", 0o4755, 0, &[])
+        .dir("dup", 0o755)
+        .file("dup/a", b"one content, many paths")
+        .file("dup/b", b"one content, many paths")
+        .file("dup/c", b"one content, many paths")
+        .file("to-delete", b"deleted in layer 2")
+        .finish();
+    let l2 = Layer::new()
+        .whiteout("to-delete")
+        .dir("opaque-me", 0o755)
+        .opaque("opaque-me")
+        .file("opaque-me/new", b"after the opaque marker")
+        .file("dir-then-file", b"a file where a directory was")
+        .dir("file-then-dir", 0o711)
+        .file("file-then-dir/child", b"a child where a file was")
+        .symlink("replaced-link", "bin/tool")
+        .dir("linked", 0o755)
+        .hardlink("linked/cross", "linked/original")
+        .dir("dup", 0o755)
+        .file("dup/d", b"one content, many paths")
+        .dir("data", 0o755)
+        .file("data/big2", &noise(2, 5 << 20))
+        .finish();
+    let l3 = Layer::new()
+        .dir("linked", 0o755)
+        .whiteout("linked/original")
+        .dir("etc", 0o755)
+        .file("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n")
+        .dir("data", 0o700)
+        .finish();
+    let l4 = Layer::new()
+        .dir("bin", 0o755)
+        .file_with("bin/tool", b"#!/bin/sh\necho tool v2\n", 0o755, 0, &[])
+        .dir("new", 0o755)
+        .file("new/copy", b"one content, many paths")
+        .file("new/thing", &noise(3, 100_000))
+        .finish();
+    write_image(layout, "v1", &[l1.clone(), l2.clone(), l3.clone()], &["/bin/tool"]);
+    write_image(layout, "v2", &[l1, l2, l3, l4], &["/bin/tool"]);
+}
+
+/// Builds the corpus into a layout, pushes both tags to `registry` as `corpus`.
+fn push_corpus(dir: &Path, registry: &Registry, creds: Option<&str>) -> std::path::PathBuf {
+    let layout = dir.join("layout");
+    corpus(&layout);
+    for tag in ["v1", "v2"] {
+        skopeo_copy(
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{}/corpus:{tag}", registry.addr()),
+            creds,
+        );
+    }
+    layout
+}
+
+async fn local_redb(dir: &Path) -> Backends {
+    Backends {
+        store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
+        index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
+    }
+}
+
+async fn s3_redis(s3: &S3Server, redis: &Redis) -> Backends {
+    let store = S3Store::with_config(
+        "starlight",
+        "gw",
+        &s3.endpoint(),
+        s3.access_key(),
+        s3.secret_key(),
+        "us-east-1",
+    )
+    .await
+    .unwrap();
+    store.ensure_bucket().await.unwrap();
+    Backends {
+        store: AnyStore::S3(store),
+        index: AnyIndex::Redis(RedisIndex::single(&redis.url()).await.unwrap()),
+    }
+}
+
+async fn gateway(registry: &Registry, dir: &Path, backends: Backends) -> common::Gateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = common::config(&format!("http://{}", registry.addr()));
+    config.upstream_timeout = 30.0;
+    config.work_dir = Some(dir.to_path_buf());
+    common::start_on(listener, config, Some(backends)).await
+}
+
+fn unpack(layout: &Path, tag: &str, dir: &Path) -> std::path::PathBuf {
+    let bundle = dir.join(format!("umoci-{tag}"));
+    umoci_unpack(layout, tag, &bundle);
+    bundle.join("rootfs")
+}
+
+fn same_as_umoci(
+    want: &Path,
+    header: &starlight_format::bundle::Header,
+    contents: &HashMap<Digest, Vec<u8>>,
+    dir: &Path,
+    name: &str,
+) {
+    let ours = dir.join(name);
+    std::fs::create_dir(&ours).unwrap();
+    materialize(header, contents, &ours);
+    assert_same_tree(want, &ours, Options { skip_root: true, skip_dir_mtimes: false });
+}
+
+fn all_contents(h: &starlight_format::bundle::Header) -> HashSet<Digest> {
+    starlight_format::Toc { diff_id: Digest([0; 32]), entries: h.entries.clone() }.content_digests().collect()
+}
+
+async fn conversions(gw: &common::Gateway) -> u64 {
+    let text =
+        common::http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with("starlight_gateway_conversions_total{result=\"ok\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The corpus through one backend pair: fresh bundle, update, resume.
+async fn corpus_on(dir: tempfile::TempDir, backends: Backends) {
+    let registry = Registry::start();
+    let layout = push_corpus(dir.path(), &registry, None);
+    let gw = gateway(&registry, dir.path(), backends).await;
+
+    // Fresh: everything, and the tree equals umoci's.
+    let v1 = fetch(&gw.url(), "corpus", "to=v1", None, None).await.unwrap();
+    let want_v1 = all_contents(&v1.header);
+    assert_eq!(
+        v1.contents.keys().copied().collect::<HashSet<_>>(),
+        want_v1,
+        "a fresh bundle carries every content"
+    );
+    assert_eq!(v1.order.len(), want_v1.len(), "each content exactly once");
+    let umoci_v1 = unpack(&layout, "v1", dir.path());
+    same_as_umoci(&umoci_v1, &v1.header, &v1.contents, dir.path(), "ours-v1");
+    // The 9 MiB file came in several chunks (it is stored as three frames).
+    assert!(v1.header.contents.iter().any(|c| c.size == 9 << 20));
+
+    // Update: only contents v1 lacks, and v1's contents + the update give v2.
+    let v1_digest = v1.header.manifest_digest;
+    let v2 = fetch(&gw.url(), "corpus", &format!("to=v2&have={v1_digest}"), None, None).await.unwrap();
+    assert_eq!(v2.headers["starlight-have-used"], "1");
+    let want_v2 = all_contents(&v2.header);
+    let sent: HashSet<Digest> = v2.contents.keys().copied().collect();
+    assert_eq!(
+        sent,
+        want_v2.difference(&want_v1).copied().collect(),
+        "the update carries exactly what v1 lacks"
+    );
+    assert_eq!(sent.len(), 2, "bin/tool and new/thing changed; new/copy's content is in v1");
+    let mut union = v1.contents.clone();
+    union.extend(v2.contents.clone());
+    let umoci_v2 = unpack(&layout, "v2", dir.path());
+    same_as_umoci(&umoci_v2, &v2.header, &union, dir.path(), "ours-v2");
+
+    // Resume: half of v1 held already; the rest comes, and together they make v1.
+    let held: Vec<Digest> = v1.order.iter().step_by(2).copied().collect();
+    let rest = fetch(&gw.url(), "corpus", "to=v1", None, Some(&held)).await.unwrap();
+    let got: HashSet<Digest> = rest.contents.keys().copied().collect();
+    let expect: HashSet<Digest> = want_v1.difference(&held.iter().copied().collect()).copied().collect();
+    assert_eq!(got, expect);
+    assert_eq!(conversions(&gw).await, 2, "v1 and v2 were each converted once");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_equals_umoci_unpack_on_local_dir_and_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = local_redb(dir.path()).await;
+    corpus_on(dir, backends).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_equals_umoci_unpack_on_s3_and_redis() {
+    let (s3, redis) = (S3Server::start(), Redis::start());
+    corpus_on(tempfile::tempdir().unwrap(), s3_redis(&s3, &redis).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_convert_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    push_corpus(dir.path(), &registry, None);
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let url = gw.url();
+    let all = futures::future::join_all((0..8).map(|_| fetch(&url, "corpus", "to=v1", None, None))).await;
+    let first = all[0].as_ref().unwrap();
+    for b in &all {
+        let b = b.as_ref().unwrap();
+        assert_eq!(b.header, first.header);
+        assert_eq!(b.contents.len(), first.contents.len());
+    }
+    assert_eq!(conversions(&gw).await, 1, "eight concurrent first requests, one conversion");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_callers_get_the_registrys_challenge() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start_with_htpasswd("alice", "wonderland");
+    push_corpus(dir.path(), &registry, Some("alice:wonderland"));
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    for creds in [None, Some(("alice", "wrong")), Some(("mallory", "wonderland"))] {
+        let r = fetch(&gw.url(), "corpus", "to=v1", creds, None).await.unwrap_err();
+        assert_eq!(r.status, 401, "{creds:?}: {}", r.body);
+        let challenge = r.headers["www-authenticate"].to_str().unwrap();
+        assert!(challenge.starts_with("Basic realm="), "{challenge}");
+    }
+    assert_eq!(conversions(&gw).await, 0, "nothing converted for unauthorized callers");
+    let ok = fetch(&gw.url(), "corpus", "to=v1", Some(("alice", "wonderland")), None).await.unwrap();
+    assert!(!ok.contents.is_empty());
+
+    // Trace upload needs push rights: refused without credentials, merged with them, and the
+    // traced files lead the next bundle.
+    let image = ok.header.manifest_digest;
+    let url = format!("{}/v2/corpus/_starlight/traces?image={image}", gw.url());
+    let trace = "/dup/a\n/data/big2\n/etc/hosts\n";
+    let r = common::http().post(&url).body(trace).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r =
+        common::http().post(&url).basic_auth("alice", Some("wonderland")).body(trace).send().await.unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let again = fetch(&gw.url(), "corpus", "to=v1", Some(("alice", "wonderland")), None).await.unwrap();
+    let by_path = |p: &str| {
+        let e = again.header.entries.iter().find(|e| e.path == p.as_bytes()).unwrap();
+        match &e.kind {
+            starlight_format::Kind::File { digest, .. } => digest.unwrap(),
+            other => panic!("{p}: {other:?}"),
+        }
+    };
+    let lead: Vec<Digest> = again.header.contents.iter().take(3).map(|c| c.digest).collect();
+    assert_eq!(lead, vec![by_path("dup/a"), by_path("data/big2"), by_path("etc/hosts")]);
+    assert_eq!(again.order[..3], lead[..], "contents arrive in the header's order");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_notifications_convert_before_the_first_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_url = format!("http://{}", listener.local_addr().unwrap());
+    let registry =
+        Registry::start_with_notifications(&format!("{gw_url}/v2/_starlight/notifications"), "s3cret");
+    let mut config = common::config(&format!("http://{}", registry.addr()));
+    config.upstream_timeout = 30.0;
+    config.webhook_token = Some("s3cret".into());
+    config.work_dir = Some(dir.path().to_path_buf());
+    let gw = common::start_on(listener, config, Some(local_redb(dir.path()).await)).await;
+
+    // A notification without the token is refused.
+    let r =
+        common::http().post(format!("{gw_url}/v2/_starlight/notifications")).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    push_corpus(dir.path(), &registry, None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while conversions(&gw).await < 2 {
+        assert!(Instant::now() < deadline, "pushes not converted; registry log:\n{}", registry.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let b = fetch(&gw.url(), "corpus", "to=v2", None, None).await.unwrap();
+    assert!(!b.contents.is_empty());
+    assert_eq!(conversions(&gw).await, 2, "the first pull found v2 converted");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    push_corpus(dir.path(), &registry, None);
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    for (q, status, says) in [
+        ("", 400, "missing to"),
+        ("to=v1&to=v2", 400, "twice"),
+        ("to=v1&have=nope", 400, "have"),
+        ("to=v1&platform=linux", 400, "platform"),
+        ("to=v1&what=1", 400, "unknown parameter"),
+        ("to=v9", 404, "MANIFEST_UNKNOWN"),
+        ("to=v1&platform=plan9/mips", 200, ""),
+    ] {
+        match fetch(&gw.url(), "corpus", q, None, None).await {
+            Ok(_) => assert_eq!(status, 200, "{q}"),
+            Err(r) => {
+                assert_eq!(r.status, status, "{q}: {}", r.body);
+                assert!(r.body.contains(says), "{q}: {}", r.body);
+            }
+        }
+    }
+    let r = fetch(&gw.url(), "corpus", "to=v1", None, Some(&[])).await.unwrap();
+    assert!(!r.contents.is_empty());
+    let bad_held = common::http()
+        .post(format!("{}/v2/corpus/_starlight/bundle?to=v1", gw.url()))
+        .body("not a digest\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_held.status(), 400);
+    assert!(bad_held.text().await.unwrap().contains("line 1"));
+    let r = common::http().get(format!("{}/v2/corpus/_starlight/nothing", gw.url())).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debian_app_starts_with_its_program_its_loader_and_libraries() {
+    let layout = starlight_conformance::images::debian_layout();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    skopeo_copy(
+        &format!("oci:{}:app", layout.display()),
+        &format!("docker://{}/app:v1", registry.addr()),
+        None,
+    );
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let b = fetch(&gw.url(), "app", "to=v1", None, None).await.unwrap();
+    let path_of: HashMap<Digest, String> = b
+        .header
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            starlight_format::Kind::File { digest: Some(d), .. } => {
+                Some((*d, String::from_utf8_lossy(&e.path).into_owned()))
+            }
+            _ => None,
+        })
+        .collect();
+    let sent: Vec<&str> = b.header.contents.iter().map(|c| path_of[&c.digest].as_str()).collect();
+    assert_eq!(sent[0], "usr/bin/redis-check-rdb", "redis-server is a symlink to redis-check-rdb: {sent:?}");
+    assert_eq!(sent[1], "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "then the loader: {sent:?}");
+    // Then the libraries it needs, transitively (libc through libssl, ...), all before /etc.
+    let pos =
+        |want: &str| sent.iter().position(|p| p.ends_with(want)).unwrap_or_else(|| panic!("{want} not sent"));
+    let first_etc = sent.iter().position(|p| p.starts_with("etc/")).unwrap();
+    for lib in ["libc.so.6", "libssl.so.3", "libcrypto.so.3", "libjemalloc.so.2", "libm.so.6"] {
+        assert!(
+            pos(lib) < first_etc,
+            "{lib} at {} after /etc at {first_etc}: {:?}",
+            pos(lib),
+            &sent[..first_etc]
+        );
+    }
+    assert!(first_etc < 40, "{:?}", &sent[..first_etc]);
+    assert_eq!(b.order, b.header.contents.iter().map(|c| c.digest).collect::<Vec<_>>());
+    gw.stop().await;
+}

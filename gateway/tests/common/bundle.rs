@@ -1,0 +1,93 @@
+//! A minimal bundle client for tests: fetches a bundle, decodes it with the verifying decoder, and
+//! writes the filesystem its header and contents describe.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use futures::StreamExt;
+use starlight_format::bundle::{Decoder, Event, Header};
+use starlight_format::{Digest, Toc};
+
+/// A whole, verified bundle.
+#[derive(Debug)]
+pub struct Fetched {
+    pub header: Header,
+    /// Contents received, by digest.
+    pub contents: HashMap<Digest, Vec<u8>>,
+    /// Content digests in the order they completed.
+    pub order: Vec<Digest>,
+    /// Bytes of the response body.
+    pub wire_bytes: u64,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// A refused request: status, headers, body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+/// Requests a bundle (`query` as in the URL); a POST carrying `held` when given.
+pub async fn fetch(
+    base: &str,
+    name: &str,
+    query: &str,
+    creds: Option<(&str, &str)>,
+    held: Option<&[Digest]>,
+) -> Result<Fetched, Refused> {
+    let url = format!("{base}/v2/{name}/_starlight/bundle?{query}");
+    let client = super::http();
+    let mut req = match held {
+        Some(h) => {
+            let body: String = h.iter().map(|d| format!("{d}\n")).collect();
+            client.post(&url).body(body)
+        }
+        None => client.get(&url),
+    };
+    if let Some((u, p)) = creds {
+        req = req.basic_auth(u, Some(p));
+    }
+    let resp = req.send().await.expect("bundle request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    if status != 200 {
+        return Err(Refused { status, headers, body: resp.text().await.unwrap_or_default() });
+    }
+    let mut dec = Decoder::new();
+    let (mut header, mut contents, mut order, mut partial) =
+        (None, HashMap::new(), Vec::new(), HashMap::new());
+    let mut wire_bytes = 0u64;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("bundle body");
+        wire_bytes += chunk.len() as u64;
+        for ev in dec.feed(&chunk).expect("a valid bundle") {
+            match ev {
+                Event::Header(h) => header = Some(*h),
+                Event::Chunk { index, data, .. } => {
+                    partial.entry(index).or_insert_with(Vec::new).extend_from_slice(&data)
+                }
+                Event::ContentDone { index, digest } => {
+                    contents.insert(digest, partial.remove(&index).unwrap());
+                    order.push(digest);
+                }
+                Event::End => {}
+            }
+        }
+    }
+    dec.finish().expect("a complete bundle");
+    Ok(Fetched { header: header.unwrap(), contents, order, wire_bytes, headers })
+}
+
+/// Writes the filesystem of `header` under `root`, taking contents from `contents`.
+pub fn materialize(header: &Header, contents: &HashMap<Digest, Vec<u8>>, root: &Path) {
+    let toc = Toc { diff_id: Digest([0; 32]), entries: header.entries.clone() };
+    starlight_converter::extract::extract_layer(&toc, root, &mut |d, f| {
+        let data = contents.get(d).ok_or_else(|| std::io::Error::other(format!("content {d} missing")))?;
+        f.write_all(data)
+    })
+    .unwrap();
+}
