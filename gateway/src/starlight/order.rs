@@ -477,7 +477,8 @@ mod tests {
         r.add(&t(&["a", "b", "c"]));
         r.add(&t(&["b", "a", "c"]));
         r.add(&t(&["b", "c"]));
-        assert_eq!(r.ordered(), vec![b"b".as_slice(), b"c", b"a"]);
+        // Mean positions: b 0.11, a 0.44 (missed by one trace: counted last there), c 0.61.
+        assert_eq!(r.ordered(), vec![b"b".as_slice(), b"a", b"c"]);
         assert_eq!(Ranks::decode(&r.encode()).unwrap(), r);
         assert!(Ranks::decode(b"R\x02").is_err());
     }
