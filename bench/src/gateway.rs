@@ -6,13 +6,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+use crate::median;
 use futures::StreamExt;
 use starlight_conformance::servers::{Registry, free_port};
 use starlight_format::Digest;
 
-struct Gateway {
-    child: Child,
-    addr: String,
+pub(crate) struct Gateway {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Drop for Gateway {
@@ -22,11 +24,13 @@ impl Drop for Gateway {
     }
 }
 
-fn start_gateway(bin: &PathBuf, upstream: &str) -> anyhow::Result<Gateway> {
+/// Starts the gateway binary in front of `upstream`, with `extra` arguments.
+pub(crate) fn start_gateway(bin: &PathBuf, upstream: &str, extra: &[&str]) -> anyhow::Result<Gateway> {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(bin)
         .args(["--upstream", upstream, "--listen", &addr])
+        .args(extra)
         .env("STARLIGHT_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -43,7 +47,7 @@ fn start_gateway(bin: &PathBuf, upstream: &str) -> anyhow::Result<Gateway> {
 }
 
 /// VmRSS and VmHWM (peak) of a process, in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
+pub(crate) fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -114,7 +118,7 @@ fn tokio_util_stream(file: tokio::fs::File) -> impl futures::Stream<Item = std::
 
 /// Downloads a URL to /dev/null with curl (a lean C client, so that the 2 cores go to the servers
 /// being compared, not to the client); returns bytes and seconds.
-fn curl_download(url: &str) -> anyhow::Result<(u64, f64)> {
+pub(crate) fn curl_download(url: &str) -> anyhow::Result<(u64, f64)> {
     let out = Command::new("curl")
         .args(["-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url])
         .output()
@@ -130,7 +134,7 @@ fn curl_download(url: &str) -> anyhow::Result<(u64, f64)> {
 }
 
 /// CPU seconds a process has used (user + system).
-fn cpu_of(pid: u32) -> f64 {
+pub(crate) fn cpu_of(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
@@ -154,12 +158,7 @@ async fn download(c: &reqwest::Client, url: &str) -> anyhow::Result<(u64, f64)> 
     Ok((n, t.elapsed().as_secs_f64()))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
@@ -171,7 +170,7 @@ pub fn run(bin: Option<PathBuf>, blob_mib: u64, rounds: usize, clients: usize) -
     };
     let rt = tokio::runtime::Runtime::new()?;
     let reg = Registry::start();
-    let gw = start_gateway(&bin, &format!("http://{}", reg.addr()))?;
+    let gw = start_gateway(&bin, &format!("http://{}", reg.addr()), &[])?;
     let dir = tempfile::tempdir()?;
     rt.block_on(async {
         let c = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;

@@ -4,7 +4,10 @@
 //!   (the decompression a plain pull pays anyway), and stored size vs the original layers.
 //! - `gateway`: pass-through throughput and latency through `starlight-gateway` vs the registry
 //!   directly, and the gateway's peak memory under 100 concurrent downloads.
+//! - `bundle`: delta bundle sizes vs a plain pull, time to first byte as images grow, and
+//!   streaming throughput from the local store.
 
+mod bundle;
 mod gateway;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +61,24 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         clients: usize,
     },
+    /// Bundle sizes vs plain pulls, time to first byte, streaming throughput.
+    Bundle {
+        /// The gateway binary (default: `starlight-gateway` next to this binary).
+        #[arg(long)]
+        gateway_bin: Option<PathBuf>,
+        /// OCI layout with the Debian images `app` and `app-v2` (scripts/debian-image.sh).
+        #[arg(long, default_value = "/var/tmp/starlight-images/oci")]
+        layout: PathBuf,
+        /// Rounds of the latency measurement (throughput uses at most 5).
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+        /// Size of the synthetic streaming image, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        stream_mib: usize,
+        /// File counts of the synthetic latency images.
+        #[arg(long, value_delimiter = ',', default_value = "5000,20000,50000")]
+        sizes: Vec<usize>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +86,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Convert { layout, tag, rounds, level } => convert_bench(&layout, &tag, rounds, level),
         Cmd::Gateway { gateway_bin, blob_mib, rounds, clients } => {
             gateway::run(gateway_bin, blob_mib, rounds, clients)
+        }
+        Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes } => {
+            bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes)
         }
     }
 }
@@ -109,7 +133,7 @@ fn cpu_seconds() -> f64 {
     total
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

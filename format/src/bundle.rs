@@ -46,19 +46,52 @@ pub struct Header {
     pub contents: Vec<ContentRef>,
 }
 
+/// A header's entries, encoded once and reused for every bundle of an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedEntries(Vec<u8>);
+
+impl EncodedEntries {
+    pub fn new(entries: &[Entry]) -> EncodedEntries {
+        let mut w = Writer::new();
+        w.varint(entries.len() as u64);
+        for e in entries {
+            crate::toc::encode_entry(e, &mut w);
+        }
+        EncodedEntries(w.buf)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Encodes the preamble and the header record.
 pub fn encode_header(h: &Header) -> Vec<u8> {
+    let entries = EncodedEntries::new(&h.entries);
+    encode_header_with(&h.manifest_digest, &h.manifest, &h.config, &h.platform, &entries, &h.contents)
+}
+
+/// [`encode_header`] with the entries already encoded.
+pub fn encode_header_with(
+    manifest_digest: &Digest,
+    manifest: &[u8],
+    config: &[u8],
+    platform: &Platform,
+    entries: &EncodedEntries,
+    contents: &[ContentRef],
+) -> Vec<u8> {
     let mut body = Writer::new();
-    body.digest(&h.manifest_digest);
-    body.bytes(&h.manifest);
-    body.bytes(&h.config);
-    body.bytes(h.platform.to_string().as_bytes());
-    body.varint(h.entries.len() as u64);
-    for e in &h.entries {
-        crate::toc::encode_entry(e, &mut body);
-    }
-    body.varint(h.contents.len() as u64);
-    for c in &h.contents {
+    body.digest(manifest_digest);
+    body.bytes(manifest);
+    body.bytes(config);
+    body.bytes(platform.to_string().as_bytes());
+    body.raw(&entries.0);
+    body.varint(contents.len() as u64);
+    for c in contents {
         body.digest(&c.digest);
         body.varint(c.size);
     }

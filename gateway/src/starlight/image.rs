@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use starlight_converter::convert::load_toc;
 use starlight_converter::{AnyIndex, AnyStore, Index};
-use starlight_format::{Digest, Entry, ImageRecord, Kind};
+use starlight_format::bundle::EncodedEntries;
+use starlight_format::{ContentLocation, Digest, Entry, ImageRecord, Kind};
 
 use super::backend_error;
+use super::stream::Plan;
 use crate::error::GatewayError;
 
 /// An image ready to be bundled.
@@ -22,12 +24,32 @@ pub struct Prepared {
     pub by_path: HashMap<Vec<u8>, usize>,
     /// Every content the filesystem holds and its size.
     pub sizes: HashMap<Digest, u64>,
+    /// The entries as the bundle header carries them.
+    pub encoded: EncodedEntries,
     /// The start-up paths found without traces (see `order`), computed on first use.
     pub startup: tokio::sync::OnceCell<Arc<Vec<Vec<u8>>>>,
+    /// The send order without traces (see `order::base_order`), computed on first use.
+    pub base_order: tokio::sync::OnceCell<Arc<Vec<Digest>>>,
+    /// Where every content is stored, looked up on first use (locations never change once
+    /// recorded: the index keeps the first).
+    pub locations: tokio::sync::OnceCell<Arc<HashMap<Digest, ContentLocation>>>,
+    /// Recent bundle plans of this image, by what shaped them (see [`PlanKey`]).
+    plans: Mutex<Vec<(PlanKey, Arc<Plan>)>>,
 }
 
+/// What makes two bundle requests of one image identical: the `have` images used and the trace
+/// ranks (by digest of their stored form). Requests with held contents are never cached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanKey {
+    pub have: Vec<Digest>,
+    pub ranks: Option<Digest>,
+}
+
+/// Plans kept per image.
+const PLANS_PER_IMAGE: usize = 8;
+
 impl Prepared {
-    fn new(record: ImageRecord, entries: Vec<Entry>) -> Prepared {
+    pub fn new(record: ImageRecord, entries: Vec<Entry>) -> Prepared {
         let mut sizes = HashMap::new();
         let mut by_path = HashMap::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
@@ -36,7 +58,33 @@ impl Prepared {
                 sizes.insert(*d, *size);
             }
         }
-        Prepared { record, entries, by_path, sizes, startup: tokio::sync::OnceCell::new() }
+        Prepared {
+            record,
+            encoded: EncodedEntries::new(&entries),
+            entries,
+            by_path,
+            sizes,
+            startup: tokio::sync::OnceCell::new(),
+            base_order: tokio::sync::OnceCell::new(),
+            locations: tokio::sync::OnceCell::new(),
+            plans: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A plan made earlier for the same request.
+    pub fn plan(&self, key: &PlanKey) -> Option<Arc<Plan>> {
+        let plans = self.plans.lock().ok()?;
+        plans.iter().find(|(k, _)| k == key).map(|(_, p)| p.clone())
+    }
+
+    pub fn keep_plan(&self, key: PlanKey, plan: Arc<Plan>) {
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.retain(|(k, _)| *k != key);
+            if plans.len() >= PLANS_PER_IMAGE {
+                plans.remove(0);
+            }
+            plans.push((key, plan));
+        }
     }
 
     /// The content behind `path` if it names a regular file (directly or as a hardlink).
@@ -113,14 +161,14 @@ impl Cache {
             .await
             .map_err(|e| GatewayError::Internal(format!("image {}: {e}", record.manifest_digest)))?;
         let image = record.manifest_digest;
-        let entries = tokio::task::spawn_blocking(move || {
+        let p = tokio::task::spawn_blocking(move || {
             let refs: Vec<&starlight_format::Toc> = tocs.iter().collect();
-            starlight_format::flatten::flatten(&refs)
+            starlight_format::flatten::flatten(&refs).map(|entries| Prepared::new(record, entries))
         })
         .await
         .map_err(|e| GatewayError::Internal(format!("flattening {image}: {e}")))?
         .map_err(|e| GatewayError::Unconvertible(format!("image {image}: {e}")))?;
-        let p = Arc::new(Prepared::new(record, entries));
+        let p = Arc::new(p);
         self.put(p.clone());
         Ok(p)
     }

@@ -28,7 +28,7 @@ use starlight_converter::content::read_content;
 use starlight_converter::layer::Options;
 use starlight_converter::source::{Credentials, index_child};
 use starlight_converter::{AnyIndex, AnyStore, Index, ObjectStore};
-use starlight_format::bundle::{ContentRef, Header, encode_header};
+use starlight_format::bundle::{ContentRef, encode_header_with};
 use starlight_format::{ContentLocation, Digest, Platform};
 use tracing::{debug, info, warn};
 
@@ -232,6 +232,7 @@ impl Starlight {
 
         // Contents of `have` images the caller may pull are not sent.
         let mut have: HashSet<Digest> = HashSet::new();
+        let mut have_used = Vec::new();
         let (mut used, mut ignored) = (0, 0);
         for h in &q.have {
             let repo = h.name.as_deref().unwrap_or(name);
@@ -242,6 +243,7 @@ impl Starlight {
                 Some(r) => {
                     let p = self.cache.prepare(&b.store, &b.index, r).await?;
                     have.extend(p.contents());
+                    have_used.push(h.digest);
                     used += 1;
                 }
                 None => {
@@ -251,42 +253,29 @@ impl Starlight {
             }
         }
 
-        let startup = self.startup(&b, &image).await;
-        let ranks = self.load_ranks(&b, &image.record.manifest_digest).await;
-        let order = order::content_order(&image, ranks.as_ref(), &startup);
-        let send: Vec<Digest> =
-            order.into_iter().filter(|d| !have.contains(d) && !held.contains(d)).collect();
-        let mut locations: Vec<ContentLocation> = Vec::with_capacity(send.len());
-        for batch in send.chunks(LOOKUP_BATCH) {
-            let found = b.index.get_contents(batch).await.map_err(backend_error)?;
-            for (d, loc) in batch.iter().zip(found) {
-                locations.push(loc.ok_or_else(|| {
-                    GatewayError::Internal(format!("content {d} of image {digest} is not in the index"))
-                })?);
+        let (ranks_digest, ranks) = self.load_ranks(&b, &image.record.manifest_digest).await.unzip();
+        let mut have_used: Vec<Digest> = have_used;
+        have_used.sort();
+        let key = image::PlanKey { have: have_used, ranks: ranks_digest };
+        let cached = if held.is_empty() { image.plan(&key) } else { None };
+        let plan = match cached {
+            Some(p) => p,
+            None => {
+                let p = Arc::new(self.plan(&b, &image, ranks.as_ref(), &have, &held).await?);
+                if held.is_empty() {
+                    image.keep_plan(key, p.clone());
+                }
+                p
             }
-        }
-        let header = Header {
-            manifest_digest: image.record.manifest_digest,
-            manifest: image.record.manifest.clone(),
-            config: image.record.config.clone(),
-            platform: image.record.platform.clone(),
-            entries: image.entries.clone(),
-            contents: send
-                .iter()
-                .zip(&locations)
-                .map(|(d, l)| ContentRef { digest: *d, size: l.size })
-                .collect(),
         };
-        let content_bytes: u64 = locations.iter().map(|l| l.size).sum();
         info!(
-            %name, image = %digest, contents = send.len(), content_bytes, have_used = used,
-            have_ignored = ignored, held = held.len(), "bundle"
+            %name, image = %digest, contents = plan.contents, content_bytes = plan.content_bytes,
+            have_used = used, have_ignored = ignored, held = held.len(), "bundle"
         );
         self.metrics.bundles.inc();
-        self.metrics.bundle_contents.inc_by(send.len() as u64);
-        let n = send.len();
-        let body =
-            stream::BundleBody::start(encode_header(&header), locations, b.store.clone(), self.read_ahead);
+        self.metrics.bundle_contents.inc_by(plan.contents);
+        let (n, content_bytes) = (plan.contents, plan.content_bytes);
+        let body = stream::BundleBody::start(plan, b.store.clone(), self.read_ahead);
         let len = body.len();
         let mut resp = Response::new(boxed(body));
         let h = resp.headers_mut();
@@ -304,6 +293,69 @@ impl Starlight {
             }
         }
         Ok(resp)
+    }
+
+    /// The header and read plan of a bundle of `image` without the `have` and `held` contents.
+    async fn plan(
+        &self,
+        b: &Backends,
+        image: &Prepared,
+        ranks: Option<&order::Ranks>,
+        have: &HashSet<Digest>,
+        held: &HashSet<Digest>,
+    ) -> Result<stream::Plan, GatewayError> {
+        let startup = self.startup(b, image).await;
+        let base = image
+            .base_order
+            .get_or_init(|| async { Arc::new(order::base_order(image, &startup)) })
+            .await
+            .clone();
+        let order = order::content_order(image, ranks, &base);
+        let all = self.locations(b, image).await?;
+        let mut send = Vec::with_capacity(order.len());
+        let mut locations = Vec::with_capacity(order.len());
+        for d in order.into_iter().filter(|d| !have.contains(d) && !held.contains(d)) {
+            let loc = all.get(&d).ok_or_else(|| {
+                GatewayError::Internal(format!(
+                    "content {d} of image {} is not in the index",
+                    image.record.manifest_digest
+                ))
+            })?;
+            send.push(ContentRef { digest: d, size: loc.size });
+            locations.push(loc.clone());
+        }
+        let r = &image.record;
+        let header = encode_header_with(
+            &r.manifest_digest,
+            &r.manifest,
+            &r.config,
+            &r.platform,
+            &image.encoded,
+            &send,
+        );
+        Ok(stream::Plan::new(header, &locations))
+    }
+
+    /// Where each content of the image is stored; looked up once per image and process.
+    async fn locations(
+        &self,
+        b: &Backends,
+        p: &Prepared,
+    ) -> Result<Arc<std::collections::HashMap<Digest, ContentLocation>>, GatewayError> {
+        p.locations
+            .get_or_try_init(|| async {
+                let digests: Vec<Digest> = p.sizes.keys().copied().collect();
+                let mut map = std::collections::HashMap::with_capacity(digests.len());
+                for batch in digests.chunks(LOOKUP_BATCH) {
+                    let found = b.index.get_contents(batch).await.map_err(backend_error)?;
+                    for (d, loc) in batch.iter().zip(found) {
+                        map.extend(loc.map(|l| (*d, l)));
+                    }
+                }
+                Ok(Arc::new(map))
+            })
+            .await
+            .cloned()
     }
 
     /// Paths the image starts with, found without traces; computed once per image and process.
@@ -371,7 +423,8 @@ impl Starlight {
         out
     }
 
-    async fn load_ranks(&self, b: &Backends, image: &Digest) -> Option<order::Ranks> {
+    /// The image's merged traces and the digest of their stored form, if any.
+    async fn load_ranks(&self, b: &Backends, image: &Digest) -> Option<(Digest, order::Ranks)> {
         let key = order::ranks_key(image);
         match b.store.size(&key).await {
             Ok(Some(_)) => {}
@@ -383,7 +436,7 @@ impl Starlight {
         }
         let data = b.store.get(&key, 256 << 20).await.ok()?;
         match order::Ranks::decode(&data) {
-            Ok(r) => Some(r),
+            Ok(r) => Some((Digest::of(&data), r)),
             Err(e) => {
                 warn!(%key, error = %e, "trace ranks unreadable; ignored");
                 None
@@ -429,7 +482,7 @@ impl Starlight {
             locks.entry(image).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let mut ranks = self.load_ranks(&b, &image).await.unwrap_or_default();
+        let mut ranks = self.load_ranks(&b, &image).await.map(|(_, r)| r).unwrap_or_default();
         ranks.add(&trace);
         b.store
             .put_bytes(&order::ranks_key(&image), Bytes::from(ranks.encode()))

@@ -325,35 +325,45 @@ pub fn ranks_key(image: &Digest) -> String {
     format!("traces/sha256/{}", image.hex())
 }
 
-/// Every content of the image once, in the order to send it: traced paths, start-up paths, `/etc`,
-/// then the rest in path order.
-pub fn content_order(p: &Prepared, ranks: Option<&Ranks>, startup: &[Vec<u8>]) -> Vec<Digest> {
+/// Every content of the image once, without traces: start-up paths, `/etc`, then the rest in path
+/// order (which keeps each directory's files together).
+pub fn base_order(p: &Prepared, startup: &[Vec<u8>]) -> Vec<Digest> {
     let mut out = Vec::with_capacity(p.sizes.len());
     let mut seen = HashSet::with_capacity(p.sizes.len());
-    let mut push = |d: Option<Digest>, out: &mut Vec<Digest>| {
-        if let Some(d) = d
+    for path in startup {
+        if let Some(d) = p.content_of(path)
             && seen.insert(d)
         {
             out.push(d);
         }
-    };
-    if let Some(r) = ranks {
-        for path in r.ordered() {
-            push(p.content_of(path), &mut out);
-        }
-    }
-    for path in startup {
-        push(p.content_of(path), &mut out);
     }
     let mut rest: Vec<&Entry> = p.entries.iter().collect();
     rest.sort_by(|a, b| a.path.cmp(&b.path));
     let is_etc = |e: &Entry| e.path.starts_with(b"etc/");
     let etc = rest.iter().filter(|e| is_etc(e));
     for e in etc.chain(rest.iter().filter(|e| !is_etc(e))) {
-        if let Kind::File { digest, .. } = &e.kind {
-            push(*digest, &mut out);
+        if let Kind::File { digest: Some(d), .. } = &e.kind
+            && seen.insert(*d)
+        {
+            out.push(*d);
         }
     }
+    out
+}
+
+/// The order to send contents in: traced paths first, by rank, then `base` (see [`base_order`]).
+pub fn content_order(p: &Prepared, ranks: Option<&Ranks>, base: &[Digest]) -> Vec<Digest> {
+    let Some(r) = ranks else { return base.to_vec() };
+    let mut out = Vec::with_capacity(base.len());
+    let mut seen = HashSet::new();
+    for path in r.ordered() {
+        if let Some(d) = p.content_of(path)
+            && seen.insert(d)
+        {
+            out.push(d);
+        }
+    }
+    out.extend(base.iter().filter(|d| !seen.contains(*d)));
     out
 }
 
@@ -403,7 +413,7 @@ mod tests {
                 sizes.insert(*d, *size);
             }
         }
-        Prepared { record, entries, by_path, sizes, startup: tokio::sync::OnceCell::new() }
+        Prepared::new(record, entries)
     }
 
     fn merged_usr() -> Vec<Entry> {
@@ -489,7 +499,7 @@ mod tests {
         let mut r = Ranks::default();
         r.add(&[b"usr/bin/again".to_vec()]);
         let startup = vec![b"usr/bin/redis-server".to_vec()];
-        let order = content_order(&p, Some(&r), &startup);
+        let order = content_order(&p, Some(&r), &base_order(&p, &startup));
         let d = |n: u8| Digest::of(&[n]);
         assert_eq!(order, vec![d(5), d(1), d(4), d(3), d(2)]);
     }

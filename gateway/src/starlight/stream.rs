@@ -35,6 +35,30 @@ struct Read {
     frames: Vec<(u64, u64, u64, u64)>,
 }
 
+/// Everything a bundle body needs before it starts: the header, the reads, the exact length.
+/// Built once per distinct request (see the plan cache) and shared by the bodies that send it.
+#[derive(Debug)]
+pub struct Plan {
+    header: Bytes,
+    reads: Vec<Read>,
+    trailer: Bytes,
+    total: u64,
+    pub contents: u64,
+    pub content_bytes: u64,
+}
+
+impl Plan {
+    /// The plan for sending `header`, then `contents` in this order, then the trailer.
+    pub fn new(header: Vec<u8>, contents: &[ContentLocation]) -> Plan {
+        let (reads, chunks) = plan(contents);
+        let count = contents.len() as u64;
+        let bytes: u64 = contents.iter().map(|c| c.size).sum();
+        let trailer = Bytes::from(encode_trailer(count, bytes));
+        let total = header.len() as u64 + chunks + trailer.len() as u64;
+        Plan { header: Bytes::from(header), reads, trailer, total, contents: count, content_bytes: bytes }
+    }
+}
+
 /// Plans the reads for `contents` (in stream order) and the exact length of the chunk records.
 fn plan(contents: &[ContentLocation]) -> (Vec<Read>, u64) {
     let mut reads: Vec<Read> = Vec::new();
@@ -70,42 +94,41 @@ pub struct BundleBody {
 }
 
 impl BundleBody {
-    /// Starts streaming: `header` first, then the `contents` (in this order), then the trailer.
-    /// At most `read_ahead` bytes are read from the store ahead of what the client took.
-    pub fn start(header: Vec<u8>, contents: Vec<ContentLocation>, store: AnyStore, read_ahead: u64) -> Self {
-        let (reads, chunks) = plan(&contents);
-        let count = contents.len() as u64;
-        let bytes: u64 = contents.iter().map(|c| c.size).sum();
-        let trailer = encode_trailer(count, bytes);
-        let total = header.len() as u64 + chunks + trailer.len() as u64;
+    /// Starts streaming `plan`. At most `read_ahead` bytes are read from the store ahead of what
+    /// the client took.
+    pub fn start(plan: Arc<Plan>, store: AnyStore, read_ahead: u64) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
         let budget_units = (read_ahead / UNIT).clamp(1, u64::from(u32::MAX >> 3)) as u32;
         let budget = Arc::new(Semaphore::new(budget_units as usize));
+        let total = plan.total;
         tokio::spawn(async move {
-            if tx.send(Ok((Bytes::from(header), None))).await.is_err() {
+            if tx.send(Ok((plan.header.clone(), None))).await.is_err() {
                 return;
             }
-            let store = &store;
             // Permits are taken in read order before a read starts, so a later read never holds
             // budget an earlier one waits for.
+            let reads = plan.reads.len();
             let mut results = std::pin::pin!(
-                futures::stream::iter(reads)
-                    .then(|r| {
-                        let budget = budget.clone();
+                futures::stream::iter(0..reads)
+                    .then(|i| {
+                        let (budget, len) = (budget.clone(), plan.reads[i].len);
                         async move {
-                            let units = (r.len.div_ceil(UNIT) as u32).clamp(1, budget_units);
-                            let permit = budget.acquire_many_owned(units).await;
-                            (r, permit)
+                            let units = (len.div_ceil(UNIT) as u32).clamp(1, budget_units);
+                            (i, budget.acquire_many_owned(units).await)
                         }
                     })
-                    .map(|(r, permit)| async move {
-                        let data = store.get_range(&r.key, r.offset, r.len).await;
-                        (r, data, permit)
+                    .map(|(i, permit)| {
+                        let (store, plan) = (store.clone(), plan.clone());
+                        async move {
+                            let r = &plan.reads[i];
+                            (i, store.get_range(&r.key, r.offset, r.len).await, permit)
+                        }
                     })
                     .buffered(READS_IN_FLIGHT)
             );
-            while let Some((r, data, permit)) = results.next().await {
-                let data = match (data, permit) {
+            while let Some((i, data, permit)) = results.next().await {
+                let r = &plan.reads[i];
+                let (data, permit) = match (data, permit) {
                     (Ok(d), Ok(p)) => (d, p),
                     (Err(e), _) => {
                         warn!(key = %r.key, offset = r.offset, error = %e, "bundle read failed; cutting the stream");
@@ -117,10 +140,9 @@ impl BundleBody {
                         return;
                     }
                 };
-                let (data, permit) = data;
                 let mut permit = Some(permit);
                 let n = r.frames.len();
-                for (k, (index, at, start, clen)) in r.frames.into_iter().enumerate() {
+                for (k, &(index, at, start, clen)) in r.frames.iter().enumerate() {
                     let prefix = Bytes::from(chunk_prefix(index, at, clen as usize));
                     let frame = data.slice(start as usize..(start + clen) as usize);
                     let last = if k + 1 == n { permit.take() } else { None };
@@ -130,7 +152,7 @@ impl BundleBody {
                     }
                 }
             }
-            let _ = tx.send(Ok((Bytes::from(trailer), None))).await;
+            let _ = tx.send(Ok((plan.trailer.clone(), None))).await;
         });
         BundleBody { rx, remaining: total }
     }
