@@ -114,6 +114,7 @@ pub fn run(
     rounds: usize,
     stream_mib: usize,
     sizes: &[usize],
+    patch_levels: &[i32],
 ) -> anyhow::Result<()> {
     let bin = match bin {
         Some(b) => b,
@@ -144,56 +145,75 @@ pub fn run(
     }
     skopeo_copy(&format!("oci:{}:big", synth.display()), &format!("docker://{}/synth:big", reg.addr()), None);
 
-    let store = work.path().join("store");
-    let index = work.path().join("index.redb");
-    let gw = start_gateway(
-        &bin,
-        &format!("http://{}", reg.addr()),
-        &["--store", &store.to_string_lossy(), "--index", &index.to_string_lossy()],
-    )?;
-    let base = format!("http://{}", gw.addr);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let c = reqwest::Client::builder().timeout(Duration::from_secs(1800)).build()?;
-
-    // (a) and (b): sizes.
+    // (a) and (b): sizes, with a fresh gateway and store per patch level.
     let v1_layers = layer_sizes(layout, "app")?;
     let v2_layers = layer_sizes(layout, "app-v2")?;
     let gzip_v1: u64 = v1_layers.iter().map(|l| l.1).sum();
     let plain_update: u64 = v2_layers.iter().filter(|l| !v1_layers.contains(l)).map(|l| l.1).sum();
-    let t = Instant::now();
-    let fresh = rt.block_on(async {
-        let r = c.get(format!("{base}/v2/app/_starlight/bundle?to=v1")).send().await?;
-        let h = r.headers().clone();
-        let n = r.bytes().await?.len() as u64;
-        anyhow::Ok((h, n))
-    })?;
-    let first_pull = t.elapsed().as_secs_f64();
-    let v1_digest = header_value(&fresh.0, "starlight-image");
-    let update = rt.block_on(async {
-        let r = c.get(format!("{base}/v2/app/_starlight/bundle?to=v2&have={v1_digest}")).send().await?;
-        let h = r.headers().clone();
-        let n = r.bytes().await?.len() as u64;
-        anyhow::Ok((h, n))
-    })?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(1800)).build()?;
+    let fetch = |url: String| {
+        let c = c.clone();
+        async move {
+            let t = Instant::now();
+            let r = c.get(url).send().await?;
+            let h = r.headers().clone();
+            let n = r.bytes().await?.len() as u64;
+            anyhow::Ok((h, n, t.elapsed().as_secs_f64()))
+        }
+    };
+    println!("## Bundle sizes (Debian redis-server image)\n");
     println!(
-        "## Bundle sizes (Debian redis-server image; first request converted on demand in {first_pull:.1} s)\n"
+        "| patch level | (a) fresh bundle bytes | vs gzip layers ({gzip_v1}) | first request s (converts) | \
+         (b) update bytes | vs plain pull ({plain_update}) | first update s (converts, makes patches) | \
+         next update s |"
     );
-    println!("| | Starlight bundle bytes | plain pull bytes | ratio | target |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| (a) fresh v1 ({} contents) | {} | {} (gzip layers) | **{:.1}%** | <= 85% |",
-        header_value(&fresh.0, "starlight-contents"),
-        fresh.1,
-        gzip_v1,
-        100.0 * fresh.1 as f64 / gzip_v1 as f64
-    );
-    println!(
-        "| (b) update v1 -> v2 ({} contents) | {} | {} (v2 layers not in v1) | **{:.1}%** | <= 25% |",
-        header_value(&update.0, "starlight-contents"),
-        update.1,
-        plain_update,
-        100.0 * update.1 as f64 / plain_update as f64
-    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut kept = None;
+    for (k, &level) in patch_levels.iter().enumerate() {
+        let dir = work.path().join(format!("gateway-{level}"));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, format!("patch_level = {level}\n"))?;
+        let gw = start_gateway(
+            &bin,
+            &format!("http://{}", reg.addr()),
+            &[
+                "--store",
+                &dir.join("store").to_string_lossy(),
+                "--index",
+                &dir.join("index.redb").to_string_lossy(),
+                "--config",
+                &config.to_string_lossy(),
+            ],
+        )?;
+        let base = format!("http://{}", gw.addr);
+        let fresh = rt.block_on(fetch(format!("{base}/v2/app/_starlight/bundle?to=v1")))?;
+        let v1_digest = header_value(&fresh.0, "starlight-image");
+        let update_url = format!("{base}/v2/app/_starlight/bundle?to=v2&have={v1_digest}");
+        let update = rt.block_on(fetch(update_url.clone()))?;
+        let again = rt.block_on(fetch(update_url))?;
+        if again.1 != update.1 {
+            bail!("the update bundle changed size between requests: {} then {}", update.1, again.1);
+        }
+        println!(
+            "| {level} | {} | **{:.1}%** | {:.1} | {} ({} contents) | **{:.1}%** | {:.1} | {:.2} |",
+            fresh.1,
+            100.0 * fresh.1 as f64 / gzip_v1 as f64,
+            fresh.2,
+            update.1,
+            header_value(&update.0, "starlight-contents"),
+            100.0 * update.1 as f64 / plain_update as f64,
+            update.2,
+            again.2
+        );
+        if k == 0 {
+            kept = Some((gw, dir));
+        }
+    }
+    let (gw, dir) = kept.context("no patch level given")?;
+    let store = dir.join("store");
+    let base = format!("http://{}", gw.addr);
 
     // (c): time to first byte, warm (converted, prepared), as images grow.
     println!("\n## Time to first byte, warm index, {rounds} rounds\n");

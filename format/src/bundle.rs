@@ -4,8 +4,13 @@
 //! gateway forwards stored frames without recompressing), then a trailer that says the stream ended
 //! complete. See the crate README for the byte layout.
 //!
+//! A content the worker holds an older version of may come instead as one patch: a zstd frame
+//! compressed with the older content (the *base*) as its prefix, so only the difference travels.
+//!
 //! [`Decoder`] is sans-I/O: feed it bytes as they arrive, in any split, and it yields verified
-//! events. A content is reported done only once its bytes match its digest.
+//! events. A content is reported done only once its bytes match its digest. For a patch, the
+//! caller applies it to the base it holds ([`apply_patch`]) and hands the result back
+//! ([`Decoder::patched`]), which verifies it.
 
 use std::collections::HashMap;
 
@@ -20,10 +25,16 @@ pub const MAX_HEADER: u64 = 256 << 20;
 /// Largest chunk record: a zstd frame of at most `CHUNK_SIZE` bytes, with room for its overhead.
 pub const MAX_CHUNK_RECORD: u64 = CHUNK_SIZE + (CHUNK_SIZE >> 7) + 1024;
 const MAX_CONTENTS: u64 = 10_000_000;
+/// Largest content (and largest base) sent as a patch.
+pub const MAX_PATCH_CONTENT: u64 = 32 << 20;
+/// Largest patch record.
+pub const MAX_PATCH_RECORD: u64 = MAX_PATCH_CONTENT + (MAX_PATCH_CONTENT >> 7) + 1024;
 
 const REC_HEADER: u8 = b'H';
 const REC_CHUNK: u8 = b'C';
 const REC_TRAILER: u8 = b'T';
+const REC_PATCH: u8 = b'P';
+const REC_HEADER_ZSTD: u8 = b'Z';
 
 /// A content the bundle carries, in stream order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +114,26 @@ pub fn encode_header_with(
     w.buf
 }
 
+/// Re-encodes an encoded header (as [`encode_header`] makes it) with the header record's payload
+/// as one zstd frame: the flattened filesystem compresses well, and it is all metadata the worker
+/// waits for.
+pub fn compress_header(encoded: &[u8], level: i32) -> Result<Vec<u8>, FormatError> {
+    let bad = FormatError::Malformed { what: "encoded bundle header", offset: 8 };
+    if encoded.len() < 9 || encoded[8] != REC_HEADER {
+        return Err(bad);
+    }
+    let mut r = Reader::new(&encoded[9..]);
+    let len = r.varint_max(MAX_HEADER, "header length")? as usize;
+    let payload = encoded.get(9 + r.position()..9 + r.position() + len).ok_or(bad)?;
+    let frame = zstd::bulk::compress(payload, level)
+        .map_err(|_| FormatError::Malformed { what: "header compression", offset: 0 })?;
+    let mut w = Writer::new();
+    w.raw(&encoded[..8]);
+    w.u8(REC_HEADER_ZSTD);
+    w.bytes(&frame);
+    Ok(w.buf)
+}
+
 /// The bytes that precede a chunk's zstd frame: the gateway writes these, then the stored frame as is.
 /// `offset` is the chunk's position in the uncompressed content.
 pub fn chunk_prefix(index: u64, offset: u64, frame_len: usize) -> Vec<u8> {
@@ -114,6 +145,61 @@ pub fn chunk_prefix(index: u64, offset: u64, frame_len: usize) -> Vec<u8> {
     w.varint((inner.buf.len() + frame_len) as u64);
     w.raw(&inner.buf);
     w.buf
+}
+
+/// The bytes that precede a patch's zstd frame: content `index` comes as a patch against the
+/// content `base`.
+pub fn patch_prefix(index: u64, base: &Digest, frame_len: usize) -> Vec<u8> {
+    let mut inner = Writer::new();
+    inner.varint(index);
+    inner.digest(base);
+    let mut w = Writer::new();
+    w.u8(REC_PATCH);
+    w.varint((inner.buf.len() + frame_len) as u64);
+    w.raw(&inner.buf);
+    w.buf
+}
+
+/// The zstd window a patch of `content` against `base` needs: both must fit in it.
+fn patch_window_log(base: usize, content: usize) -> u32 {
+    let span = (base + content).max(1 << 10) as u64;
+    (64 - (span - 1).leading_zeros()).clamp(10, 27)
+}
+
+/// Compresses `content` as a patch against `base` (a zstd frame with `base` as its prefix).
+pub fn make_patch(base: &[u8], content: &[u8], level: i32) -> Result<Vec<u8>, String> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    if base.len() as u64 > MAX_PATCH_CONTENT || content.len() as u64 > MAX_PATCH_CONTENT {
+        return Err(format!("patches are limited to {MAX_PATCH_CONTENT} bytes"));
+    }
+    let window = patch_window_log(base.len(), content.len());
+    let mut cctx = CCtx::create();
+    let err = |e| format!("zstd: {}", zstd::zstd_safe::get_error_name(e));
+    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(err)?;
+    cctx.set_parameter(CParameter::WindowLog(window)).map_err(err)?;
+    // As `zstd --patch-from` does: long-distance matching finds the base's runs wherever they are.
+    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(err)?;
+    cctx.ref_prefix(base).map_err(err)?;
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(content.len()));
+    cctx.compress2(&mut out, content).map_err(err)?;
+    Ok(out)
+}
+
+/// Applies a patch made by [`make_patch`] to `base`; the result must be `size` bytes.
+pub fn apply_patch(base: &[u8], frame: &[u8], size: u64) -> Result<Vec<u8>, String> {
+    use zstd::zstd_safe::DCtx;
+    if size > MAX_PATCH_CONTENT {
+        return Err(format!("a patched content of {size} bytes is above the {MAX_PATCH_CONTENT}-byte limit"));
+    }
+    let err = |e| format!("patch does not apply: {}", zstd::zstd_safe::get_error_name(e));
+    let mut dctx = DCtx::create();
+    dctx.ref_prefix(base).map_err(err)?;
+    let mut out = Vec::with_capacity(size as usize);
+    dctx.decompress(&mut out, frame).map_err(err)?;
+    if out.len() as u64 != size {
+        return Err(format!("patch gives {} bytes, expected {size}", out.len()));
+    }
+    Ok(out)
 }
 
 /// The trailer: how many contents and content bytes the stream carried.
@@ -143,7 +229,16 @@ pub enum Event {
         index: u64,
         digest: Digest,
     },
-    /// The trailer arrived and agrees with what came: the bundle is complete.
+    /// Content `index` comes as a patch against the content `base`: apply it with [`apply_patch`]
+    /// to the base the worker holds, and hand the result to [`Decoder::patched`].
+    Patch {
+        index: u64,
+        base: Digest,
+        size: u64,
+        frame: Vec<u8>,
+    },
+    /// The trailer arrived and agrees with what came: the bundle is complete (once every patch
+    /// is handed back).
     End,
 }
 
@@ -158,6 +253,8 @@ pub enum BundleError {
     DigestMismatch { index: u64, digest: Digest },
     #[error("the bundle stream ended early, at byte {offset}{}", if *.header_seen { "" } else { ", before its header" })]
     Truncated { offset: u64, header_seen: bool },
+    #[error("patch for content {index}: {why}")]
+    Patch { index: u64, why: String },
 }
 
 struct Progress {
@@ -176,6 +273,10 @@ pub struct Decoder {
     preamble: bool,
     header: Option<Vec<ContentRef>>,
     progress: HashMap<u64, Progress>,
+    /// Patches announced and not yet handed back.
+    patches: HashMap<u64, ContentRef>,
+    /// Contents complete (by chunks or patch).
+    complete: std::collections::HashSet<u64>,
     done: u64,
     done_bytes: u64,
     ended: bool,
@@ -211,8 +312,12 @@ impl Decoder {
         &self.buf[self.start..]
     }
 
-    /// Call at the end of the stream: an error unless the trailer arrived.
+    /// Call at the end of the stream: an error unless the trailer arrived and every patch was
+    /// handed back.
     pub fn finish(&self) -> Result<(), BundleError> {
+        if let Some(index) = self.patches.keys().next() {
+            return Err(BundleError::Patch { index: *index, why: "never handed back".into() });
+        }
         if self.ended {
             Ok(())
         } else {
@@ -259,9 +364,10 @@ impl Decoder {
         // Record: type, length, payload. Wait for the whole record.
         let Some(&kind) = buf.first() else { return Ok(None) };
         let max = match kind {
-            REC_HEADER => MAX_HEADER,
+            REC_HEADER | REC_HEADER_ZSTD => MAX_HEADER,
             REC_CHUNK => MAX_CHUNK_RECORD,
             REC_TRAILER => 64,
+            REC_PATCH => MAX_PATCH_RECORD,
             other => return Err(self.bad(format!("unknown record type {other:#04x}"))),
         };
         let mut r = Reader::new(&buf[1..]);
@@ -278,7 +384,13 @@ impl Decoder {
         let payload = buf[head..head + len].to_vec();
         let events = match kind {
             REC_HEADER => self.header_record(&payload)?,
+            REC_HEADER_ZSTD => {
+                let plain = zstd::bulk::decompress(&payload, MAX_HEADER as usize)
+                    .map_err(|e| self.bad(format!("compressed header does not decompress: {e}")))?;
+                self.header_record(&plain)?
+            }
             REC_CHUNK => self.chunk_record(&payload)?,
+            REC_PATCH => self.patch_record(&payload)?,
             _ => self.trailer_record(&payload)?,
         };
         self.consume(head + len);
@@ -333,6 +445,9 @@ impl Decoder {
         let c = *contents
             .get(index as usize)
             .ok_or_else(|| self.bad(format!("content index {index} out of range")))?;
+        if self.complete.contains(&index) || self.patches.contains_key(&index) {
+            return Err(self.bad(format!("content {index} sent twice")));
+        }
         let prog =
             self.progress.entry(index).or_insert_with(|| Progress { received: 0, hasher: Hasher::new() });
         if offset != prog.received || prog.received >= c.size {
@@ -362,9 +477,49 @@ impl Decoder {
             }
             self.done += 1;
             self.done_bytes += c.size;
+            self.complete.insert(index);
             events.push(Event::ContentDone { index, digest: c.digest });
         }
         Ok(events)
+    }
+
+    fn patch_record(&mut self, p: &[u8]) -> Result<Vec<Event>, BundleError> {
+        let contents = self.header.as_ref().ok_or_else(|| self.bad("a patch before the header"))?;
+        let mut r = Reader::new(p);
+        let index = r.varint("content index")?;
+        let base = r.digest("patch base")?;
+        let frame = p[r.position()..].to_vec();
+        let c = *contents
+            .get(index as usize)
+            .ok_or_else(|| self.bad(format!("content index {index} out of range")))?;
+        if self.complete.contains(&index)
+            || self.patches.contains_key(&index)
+            || self.progress.contains_key(&index)
+        {
+            return Err(self.bad(format!("content {index} sent twice")));
+        }
+        if c.size > MAX_PATCH_CONTENT {
+            return Err(self.bad(format!("a patch for content {index} of {} bytes", c.size)));
+        }
+        self.patches.insert(index, c);
+        Ok(vec![Event::Patch { index, base, size: c.size, frame }])
+    }
+
+    /// Hands back content `index`, rebuilt from its patch; verifies it and completes it.
+    pub fn patched(&mut self, index: u64, data: &[u8]) -> Result<Event, BundleError> {
+        let c = self
+            .patches
+            .get(&index)
+            .copied()
+            .ok_or_else(|| BundleError::Patch { index, why: "no patch is pending for it".into() })?;
+        if data.len() as u64 != c.size || Digest::of(data) != c.digest {
+            return Err(BundleError::DigestMismatch { index, digest: c.digest });
+        }
+        self.patches.remove(&index);
+        self.complete.insert(index);
+        self.done += 1;
+        self.done_bytes += c.size;
+        Ok(Event::ContentDone { index, digest: c.digest })
     }
 
     fn trailer_record(&mut self, p: &[u8]) -> Result<Vec<Event>, BundleError> {
@@ -373,10 +528,13 @@ impl Decoder {
         let count = r.varint("trailer count")?;
         let bytes = r.varint("trailer bytes")?;
         r.finish()?;
-        if count != self.done || bytes != self.done_bytes || count != total {
+        // Patches not yet handed back count as arrived; `finish` insists they are handed back.
+        let pending = self.patches.len() as u64;
+        let pending_bytes: u64 = self.patches.values().map(|c| c.size).sum();
+        let (done, done_bytes) = (self.done + pending, self.done_bytes + pending_bytes);
+        if count != done || bytes != done_bytes || count != total {
             return Err(self.bad(format!(
-                "trailer says {count} contents / {bytes} bytes; received {} of {total} / {} bytes",
-                self.done, self.done_bytes
+                "trailer says {count} contents / {bytes} bytes; received {done} of {total} / {done_bytes} bytes"
             )));
         }
         self.ended = true;

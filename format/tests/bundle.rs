@@ -67,6 +67,7 @@ fn decode(stream: &[u8], step: usize) -> Result<(Header, Vec<Vec<u8>>), BundleEr
                     contents[index as usize].extend(data);
                 }
                 Event::ContentDone { .. } => done += 1,
+                Event::Patch { .. } => panic!("no patches here"),
                 Event::End => assert_eq!(done, contents.len()),
             }
         }
@@ -168,4 +169,97 @@ proptest! {
         prop_assert_eq!(h, header(&contents));
         prop_assert_eq!(got, contents);
     }
+}
+
+#[test]
+fn a_patch_rebuilds_a_content_from_its_base() {
+    let base: Vec<u8> = (0..300_000u32).flat_map(|i| (i * 7919).to_le_bytes()).collect();
+    let mut new = base.clone();
+    new[1000..1010].copy_from_slice(b"0123456789");
+    new.extend_from_slice(b"appended");
+    let patch = make_patch(&base, &new, 3).unwrap();
+    let alone = zstd::bulk::compress(&new, 3).unwrap();
+    assert!(patch.len() * 20 < alone.len(), "patch {} vs alone {}", patch.len(), alone.len());
+
+    let contents = vec![b"plain".to_vec(), new.clone()];
+    let mut stream = encode_header(&header(&contents));
+    let frame = zstd::bulk::compress(&contents[0], 1).unwrap();
+    stream.extend(chunk_prefix(0, 0, frame.len()));
+    stream.extend(frame);
+    stream.extend(patch_prefix(1, &Digest::of(&base), patch.len()));
+    stream.extend(&patch);
+    stream.extend(encode_trailer(2, (contents[0].len() + new.len()) as u64));
+
+    for tamper in [false, true] {
+        let mut d = Decoder::new();
+        let (mut done, mut ended) = (0, false);
+        for ev in d.feed(&stream).unwrap() {
+            match ev {
+                Event::Patch { index, base: b, size, frame } => {
+                    assert_eq!((index, b, size), (1, Digest::of(&base), new.len() as u64));
+                    let mut rebuilt = apply_patch(&base, &frame, size).unwrap();
+                    assert_eq!(rebuilt, new);
+                    if tamper {
+                        rebuilt[0] ^= 1;
+                        assert!(matches!(
+                            d.patched(index, &rebuilt),
+                            Err(BundleError::DigestMismatch { .. })
+                        ));
+                        continue;
+                    }
+                    assert!(matches!(
+                        d.patched(index, &rebuilt).unwrap(),
+                        Event::ContentDone { index: 1, .. }
+                    ));
+                    done += 1;
+                }
+                Event::ContentDone { .. } => done += 1,
+                Event::End => ended = true,
+                _ => {}
+            }
+        }
+        assert!(ended);
+        if tamper {
+            assert!(matches!(d.finish(), Err(BundleError::Patch { index: 1, .. })), "an unresolved patch");
+        } else {
+            assert_eq!(done, 2);
+            d.finish().unwrap();
+        }
+    }
+    // The wrong base does not give the content.
+    let other = vec![0u8; base.len()];
+    assert!(apply_patch(&other, &patch, new.len() as u64).map(|v| v != new).unwrap_or(true));
+}
+
+#[test]
+fn a_content_sent_twice_is_rejected() {
+    let contents = vec![b"once".to_vec()];
+    let mut stream = encode(&contents);
+    let trailer = encode_trailer(1, 4);
+    stream.truncate(stream.len() - trailer.len());
+    let frame = zstd::bulk::compress(&contents[0], 1).unwrap();
+    stream.extend(patch_prefix(0, &Digest::of(b"x"), frame.len()));
+    stream.extend(frame);
+    let mut d = Decoder::new();
+    let err = d.feed(&stream).unwrap_err();
+    assert!(err.to_string().contains("sent twice"), "{err}");
+}
+
+#[test]
+fn a_compressed_header_decodes_the_same() {
+    let contents = sample();
+    let plain = encode(&contents);
+    let h = encode_header(&header(&contents));
+    let z = compress_header(&h, 3).unwrap();
+    let mut stream = z.clone();
+    stream.extend_from_slice(&plain[h.len()..]);
+    for step in [1, 7, 4096, usize::MAX] {
+        assert_eq!(decode(&stream, step).unwrap(), decode(&plain, usize::MAX).unwrap());
+    }
+    assert!(compress_header(&z, 3).is_err(), "only a plain header is compressed");
+    let mut bad = z;
+    let n = bad.len();
+    bad[n - 3] ^= 0xff;
+    let mut d = Decoder::new();
+    assert!(d.feed(&bad).is_err());
 }

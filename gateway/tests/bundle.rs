@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::bundle::{fetch, materialize};
+use common::bundle::{fetch, fetch_with, materialize};
 use starlight_conformance::fstree::{Options, assert_same_tree};
 use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::{Layer, umoci_unpack, write_image};
@@ -91,7 +91,11 @@ fn corpus(layout: &Path) {
         .file("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n")
         .dir("data", 0o700)
         .finish();
+    let mut big = noise(1, 9 << 20);
+    big[5_000_000..5_000_016].copy_from_slice(b"patched in v2!!!");
     let l4 = Layer::new()
+        .dir("data", 0o700)
+        .file("data/big", &big)
         .dir("bin", 0o755)
         .file_with("bin/tool", b"#!/bin/sh\necho tool v2\n", 0o755, 0, &[])
         .dir("new", 0o755)
@@ -203,7 +207,9 @@ async fn corpus_on(dir: tempfile::TempDir, backends: Backends) {
 
     // Update: only contents v1 lacks, and v1's contents + the update give v2.
     let v1_digest = v1.header.manifest_digest;
-    let v2 = fetch(&gw.url(), "corpus", &format!("to=v2&have={v1_digest}"), None, None).await.unwrap();
+    let v2 = fetch_with(&gw.url(), "corpus", &format!("to=v2&have={v1_digest}"), None, None, &v1.contents)
+        .await
+        .unwrap();
     assert_eq!(v2.headers["starlight-have-used"], "1");
     let want_v2 = all_contents(&v2.header);
     let sent: HashSet<Digest> = v2.contents.keys().copied().collect();
@@ -212,7 +218,10 @@ async fn corpus_on(dir: tempfile::TempDir, backends: Backends) {
         want_v2.difference(&want_v1).copied().collect(),
         "the update carries exactly what v1 lacks"
     );
-    assert_eq!(sent.len(), 2, "bin/tool and new/thing changed; new/copy's content is in v1");
+    assert_eq!(sent.len(), 3, "data/big, bin/tool and new/thing changed; new/copy's content is in v1");
+    // data/big (9 MiB) changed in 16 bytes: it comes as a patch against v1's data/big.
+    assert!(v2.patched >= 1, "no patch used");
+    assert!(v2.wire_bytes < 1 << 20, "the update weighs {} bytes", v2.wire_bytes);
     let mut union = v1.contents.clone();
     union.extend(v2.contents.clone());
     let umoci_v2 = unpack(&layout, "v2", dir.path());

@@ -28,7 +28,7 @@ use starlight_converter::content::read_content;
 use starlight_converter::layer::Options;
 use starlight_converter::source::{Credentials, index_child};
 use starlight_converter::{AnyIndex, AnyStore, Index, ObjectStore};
-use starlight_format::bundle::{ContentRef, encode_header_with};
+use starlight_format::bundle::{ContentRef, compress_header, encode_header_with};
 use starlight_format::{ContentLocation, Digest, Platform};
 use tracing::{debug, info, warn};
 
@@ -87,6 +87,7 @@ pub struct Starlight {
     convert_timeout: Duration,
     tmp_dir: std::path::PathBuf,
     read_ahead: u64,
+    patcher: stream::Patcher,
 }
 
 impl Starlight {
@@ -118,6 +119,10 @@ impl Starlight {
             convert_timeout: Config::secs(config.convert_timeout),
             tmp_dir: config.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             read_ahead: config.bundle_read_ahead,
+            patcher: stream::Patcher {
+                level: config.patch_level,
+                slots: Arc::new(tokio::sync::Semaphore::new(config.patch_workers.max(1))),
+            },
         }
     }
 
@@ -233,6 +238,7 @@ impl Starlight {
         // Contents of `have` images the caller may pull are not sent.
         let mut have: HashSet<Digest> = HashSet::new();
         let mut have_used = Vec::new();
+        let mut have_images = Vec::new();
         let (mut used, mut ignored) = (0, 0);
         for h in &q.have {
             let repo = h.name.as_deref().unwrap_or(name);
@@ -244,6 +250,7 @@ impl Starlight {
                     let p = self.cache.prepare(&b.store, &b.index, r).await?;
                     have.extend(p.contents());
                     have_used.push(h.digest);
+                    have_images.push(p);
                     used += 1;
                 }
                 None => {
@@ -261,7 +268,7 @@ impl Starlight {
         let plan = match cached {
             Some(p) => p,
             None => {
-                let p = Arc::new(self.plan(&b, &image, ranks.as_ref(), &have, &held).await?);
+                let p = Arc::new(self.plan(&b, &image, ranks.as_ref(), &have_images, &have, &held).await?);
                 if held.is_empty() {
                     image.keep_plan(key, p.clone());
                 }
@@ -275,12 +282,14 @@ impl Starlight {
         self.metrics.bundles.inc();
         self.metrics.bundle_contents.inc_by(plan.contents);
         let (n, content_bytes) = (plan.contents, plan.content_bytes);
-        let body = stream::BundleBody::start(plan, b.store.clone(), self.read_ahead);
-        let len = body.len();
+        let len = plan.len();
+        let body = stream::BundleBody::start(plan, b.store.clone(), self.patcher.clone(), self.read_ahead);
         let mut resp = Response::new(boxed(body));
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(BUNDLE_MEDIA_TYPE));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if let Some(len) = len {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
         for (k, v) in [
             ("starlight-image", digest.to_string()),
             ("starlight-contents", n.to_string()),
@@ -295,12 +304,14 @@ impl Starlight {
         Ok(resp)
     }
 
-    /// The header and read plan of a bundle of `image` without the `have` and `held` contents.
+    /// The header and the steps of a bundle of `image` without the `have` and `held` contents.
+    /// A content whose path holds an older version in a `have` image may go as a patch.
     async fn plan(
         &self,
         b: &Backends,
         image: &Prepared,
         ranks: Option<&order::Ranks>,
+        have_images: &[Arc<Prepared>],
         have: &HashSet<Digest>,
         held: &HashSet<Digest>,
     ) -> Result<stream::Plan, GatewayError> {
@@ -312,17 +323,20 @@ impl Starlight {
             .clone();
         let order = order::content_order(image, ranks, &base);
         let all = self.locations(b, image).await?;
-        let mut send = Vec::with_capacity(order.len());
-        let mut locations = Vec::with_capacity(order.len());
-        for d in order.into_iter().filter(|d| !have.contains(d) && !held.contains(d)) {
+        let send_set: Vec<Digest> =
+            order.into_iter().filter(|d| !have.contains(d) && !held.contains(d)).collect();
+        let bases = self.patch_bases(b, image, have_images, &send_set).await?;
+        let mut send = Vec::with_capacity(send_set.len());
+        let mut table = Vec::with_capacity(send_set.len());
+        for d in send_set {
             let loc = all.get(&d).ok_or_else(|| {
                 GatewayError::Internal(format!(
                     "content {d} of image {} is not in the index",
                     image.record.manifest_digest
                 ))
             })?;
-            send.push(ContentRef { digest: d, size: loc.size });
-            locations.push(loc.clone());
+            table.push(ContentRef { digest: d, size: loc.size });
+            send.push(stream::Send { content: d, loc: loc.clone(), base: bases.get(&d).cloned() });
         }
         let r = &image.record;
         let header = encode_header_with(
@@ -331,9 +345,43 @@ impl Starlight {
             &r.config,
             &r.platform,
             &image.encoded,
-            &send,
+            &table,
         );
-        Ok(stream::Plan::new(header, &locations))
+        let header = compress_header(&header, 3)
+            .map_err(|e| GatewayError::Internal(format!("compressing the bundle header: {e}")))?;
+        Ok(stream::Plan::new(header, send))
+    }
+
+    /// For contents to send whose path holds another content in a `have` image: that content
+    /// and where it is stored (the base of a patch).
+    async fn patch_bases(
+        &self,
+        b: &Backends,
+        image: &Prepared,
+        have_images: &[Arc<Prepared>],
+        send: &[Digest],
+    ) -> Result<std::collections::HashMap<Digest, (Digest, ContentLocation)>, GatewayError> {
+        let mut out = std::collections::HashMap::new();
+        if have_images.is_empty() || send.is_empty() {
+            return Ok(out);
+        }
+        let wanted: HashSet<&Digest> = send.iter().collect();
+        for h in have_images {
+            let locs = self.locations(b, h).await?;
+            for e in &image.entries {
+                let starlight_format::Kind::File { digest: Some(d), .. } = &e.kind else { continue };
+                if !wanted.contains(d) || out.contains_key(d) {
+                    continue;
+                }
+                if let Some(old) = h.content_of(&e.path)
+                    && old != *d
+                    && let Some(loc) = locs.get(&old)
+                {
+                    out.insert(*d, (old, loc.clone()));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Where each content of the image is stored; looked up once per image and process.

@@ -1,6 +1,8 @@
-//! The bundle body: the header at once, then stored zstd frames read from the object store with
-//! coalesced range reads (adjacent frames of one blob in one read), a few reads in flight, and a
-//! byte budget that bounds what is read but not yet sent; then the trailer.
+//! The bundle body: the header at once, then the contents in order, then the trailer. Stored zstd
+//! frames are read from the object store with coalesced range reads (adjacent frames of one blob
+//! in one read), a few steps in flight, and a byte budget that bounds what is read but not yet
+//! sent. A content the worker holds an older version of goes as a patch against it when that is
+//! smaller: made once per (old, new) pair and kept in the store.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,20 +12,23 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http_body::{Frame, SizeHint};
 use starlight_converter::ObjectStore;
+use starlight_converter::content::read_content;
 use starlight_converter::store::AnyStore;
-use starlight_format::bundle::{chunk_prefix, encode_trailer};
-use starlight_format::{ContentLocation, blob_key};
+use starlight_format::bundle::{MAX_PATCH_CONTENT, chunk_prefix, encode_trailer, make_patch, patch_prefix};
+use starlight_format::{ContentLocation, Digest, blob_key};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::body::BoxError;
 
 /// Adjacent frames are read together up to this many bytes.
 const READ_MAX: u64 = 2 << 20;
-/// Range reads in flight per bundle (they matter for S3, whose every read is a round trip).
-const READS_IN_FLIGHT: usize = 4;
+/// Steps in flight per bundle (reads matter for S3, whose every read is a round trip).
+const STEPS_IN_FLIGHT: usize = 4;
 /// Budget units: KiB.
 const UNIT: u64 = 1024;
+/// A patch is sent only if it is at most this fraction (in 1/16) of the stored frames.
+const PATCH_WORTH: u64 = 14;
 
 /// One range read and the frames it carries: (content index, offset in the content, frame start
 /// within the read, frame length).
@@ -35,130 +40,299 @@ struct Read {
     frames: Vec<(u64, u64, u64, u64)>,
 }
 
-/// Everything a bundle body needs before it starts: the header, the reads, the exact length.
-/// Built once per distinct request (see the plan cache) and shared by the bodies that send it.
+/// A content that may go as a patch against `base`, else as its stored frames.
+#[derive(Debug)]
+struct PatchStep {
+    index: u64,
+    content: Digest,
+    loc: ContentLocation,
+    base: Digest,
+    base_loc: ContentLocation,
+}
+
+#[derive(Debug)]
+enum Step {
+    Read(Read),
+    Patch(PatchStep),
+}
+
+impl Step {
+    /// Bytes this step holds in memory until sent (a patch at most what it replaces).
+    fn budget(&self) -> u64 {
+        match self {
+            Step::Read(r) => r.len,
+            Step::Patch(p) => stored_len(&p.loc),
+        }
+    }
+}
+
+fn stored_len(loc: &ContentLocation) -> u64 {
+    loc.frames.iter().map(|f| u64::from(f.clen)).sum()
+}
+
+/// A content to send and, when the worker holds an older version of it, that version.
+#[derive(Debug)]
+pub struct Send {
+    pub content: Digest,
+    pub loc: ContentLocation,
+    pub base: Option<(Digest, ContentLocation)>,
+}
+
+/// Everything a bundle body needs before it starts: the header, the steps, the length (exact
+/// unless patches may replace frames). Built once per distinct request (see the plan cache) and
+/// shared by the bodies that send it.
 #[derive(Debug)]
 pub struct Plan {
     header: Bytes,
-    reads: Vec<Read>,
+    steps: Vec<Step>,
     trailer: Bytes,
-    total: u64,
+    total: Option<u64>,
     pub contents: u64,
     pub content_bytes: u64,
 }
 
 impl Plan {
     /// The plan for sending `header`, then `contents` in this order, then the trailer.
-    pub fn new(header: Vec<u8>, contents: &[ContentLocation]) -> Plan {
-        let (reads, chunks) = plan(contents);
+    pub fn new(header: Vec<u8>, contents: Vec<Send>) -> Plan {
         let count = contents.len() as u64;
-        let bytes: u64 = contents.iter().map(|c| c.size).sum();
+        let bytes: u64 = contents.iter().map(|c| c.loc.size).sum();
+        let (steps, chunks) = plan(contents);
         let trailer = Bytes::from(encode_trailer(count, bytes));
-        let total = header.len() as u64 + chunks + trailer.len() as u64;
-        Plan { header: Bytes::from(header), reads, trailer, total, contents: count, content_bytes: bytes }
+        let patches = steps.iter().any(|s| matches!(s, Step::Patch(_)));
+        let total = (!patches).then(|| header.len() as u64 + chunks + trailer.len() as u64);
+        Plan { header: Bytes::from(header), steps, trailer, total, contents: count, content_bytes: bytes }
+    }
+
+    /// The exact body length, unless patches make it depend on what they weigh.
+    pub fn len(&self) -> Option<u64> {
+        self.total
     }
 }
 
-/// Plans the reads for `contents` (in stream order) and the exact length of the chunk records.
-fn plan(contents: &[ContentLocation]) -> (Vec<Read>, u64) {
-    let mut reads: Vec<Read> = Vec::new();
+/// Plans the steps for `contents` (in stream order) and the length of their chunk records if all
+/// went as stored frames.
+fn plan(contents: Vec<Send>) -> (Vec<Step>, u64) {
+    let mut steps: Vec<Step> = Vec::new();
     let mut body = 0u64;
-    for (i, loc) in contents.iter().enumerate() {
-        let key = blob_key(&loc.blob);
-        let mut at = 0u64;
-        for f in &loc.frames {
+    for (i, c) in contents.into_iter().enumerate() {
+        let i = i as u64;
+        for (at, f) in offsets(&c.loc) {
+            body += chunk_prefix(i, at, f.clen as usize).len() as u64 + u64::from(f.clen);
+        }
+        if let Some((base, base_loc)) = c.base
+            && c.loc.size <= MAX_PATCH_CONTENT
+            && base_loc.size <= MAX_PATCH_CONTENT
+        {
+            steps.push(Step::Patch(PatchStep { index: i, content: c.content, loc: c.loc, base, base_loc }));
+            continue;
+        }
+        let key = blob_key(&c.loc.blob);
+        for (at, f) in offsets(&c.loc) {
             let clen = u64::from(f.clen);
-            body += chunk_prefix(i as u64, at, f.clen as usize).len() as u64 + clen;
-            let joins = reads
-                .last()
-                .is_some_and(|r| r.key == key && r.offset + r.len == f.offset && r.len + clen <= READ_MAX);
+            let joins = matches!(steps.last(), Some(Step::Read(r))
+                if r.key == key && r.offset + r.len == f.offset && r.len + clen <= READ_MAX);
             if !joins {
-                reads.push(Read { key: key.clone(), offset: f.offset, len: 0, frames: Vec::new() });
+                steps.push(Step::Read(Read {
+                    key: key.clone(),
+                    offset: f.offset,
+                    len: 0,
+                    frames: Vec::new(),
+                }));
             }
-            let r = reads.last_mut().unwrap_or_else(|| unreachable!());
-            r.frames.push((i as u64, at, r.len, clen));
+            let Some(Step::Read(r)) = steps.last_mut() else { unreachable!() };
+            r.frames.push((i, at, r.len, clen));
             r.len += clen;
-            at += u64::from(f.ulen);
         }
     }
-    (reads, body)
+    (steps, body)
 }
 
-type Piece = Result<(Bytes, Option<OwnedSemaphorePermit>), BoxError>;
+/// Each frame of a content with its offset in the content.
+fn offsets(loc: &ContentLocation) -> impl Iterator<Item = (u64, starlight_format::Frame)> + '_ {
+    loc.frames.iter().scan(0u64, |at, f| {
+        let here = *at;
+        *at += u64::from(f.ulen);
+        Some((here, *f))
+    })
+}
 
-/// A bundle response body; its length is known up front.
+/// Object-store key of the patch from `base` to `content` (empty when a patch does not pay).
+pub fn patch_key(base: &Digest, content: &Digest) -> String {
+    format!("patches/sha256/{}/{}", base.hex(), content.hex())
+}
+
+/// How patches are made: the zstd level and how many may be made at once (each holds two
+/// contents of up to 32 MiB).
+#[derive(Clone, Debug)]
+pub struct Patcher {
+    pub level: i32,
+    pub slots: Arc<Semaphore>,
+}
+
+/// What one step sends.
+type Pieces = Vec<Bytes>;
+
+async fn read_step(store: &AnyStore, r: &Read) -> Result<Pieces, BoxError> {
+    let data = store.get_range(&r.key, r.offset, r.len).await.inspect_err(|e| {
+        warn!(key = %r.key, offset = r.offset, error = %e, "bundle read failed; cutting the stream");
+    })?;
+    let mut out = Vec::with_capacity(r.frames.len() * 2);
+    for &(index, at, start, clen) in &r.frames {
+        out.push(Bytes::from(chunk_prefix(index, at, clen as usize)));
+        out.push(data.slice(start as usize..(start + clen) as usize));
+    }
+    Ok(out)
+}
+
+/// The stored frames of one content, as chunk records.
+async fn frames_of(store: &AnyStore, index: u64, loc: &ContentLocation) -> Result<Pieces, BoxError> {
+    let mut out = Vec::new();
+    let key = blob_key(&loc.blob);
+    for (at, f) in offsets(loc) {
+        let r = Read {
+            key: key.clone(),
+            offset: f.offset,
+            len: u64::from(f.clen),
+            frames: vec![(index, at, 0, u64::from(f.clen))],
+        };
+        out.extend(read_step(store, &r).await?);
+    }
+    Ok(out)
+}
+
+/// The patch for `p`: from the store if made before, else made now (and kept). `None` when a
+/// patch does not pay or cannot be made; the content then goes as its frames.
+async fn patch_of(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Option<Bytes> {
+    let key = patch_key(&p.base, &p.content);
+    match store.size(&key).await {
+        Ok(Some(0)) => return None,
+        Ok(Some(_)) => match store.get(&key, MAX_PATCH_CONTENT + (1 << 20)).await {
+            Ok(b) => return Some(b),
+            Err(e) => warn!(%key, error = %e, "stored patch unreadable; making it again"),
+        },
+        Ok(None) => {}
+        Err(e) => {
+            warn!(%key, error = %e, "patch lookup failed; sending frames");
+            return None;
+        }
+    }
+    let _slot = patcher.slots.acquire().await.ok()?;
+    let base = read_content(store, &p.base, &p.base_loc).await;
+    let new = read_content(store, &p.content, &p.loc).await;
+    let (base, new) = match (base, new) {
+        (Ok(b), Ok(n)) => (b, n),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(%key, error = %e, "cannot read the contents to patch; sending frames");
+            return None;
+        }
+    };
+    let level = patcher.level;
+    let made = tokio::task::spawn_blocking(move || make_patch(&base, &new, level)).await.ok()?;
+    let patch = match made {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(%key, error = %e, "patch failed; sending frames");
+            return None;
+        }
+    };
+    let worth = (patch.len() as u64) * 16 <= stored_len(&p.loc) * PATCH_WORTH;
+    debug!(%key, patch = patch.len(), stored = stored_len(&p.loc), worth, "patch made");
+    let keep = if worth { Bytes::from(patch) } else { Bytes::new() };
+    if let Err(e) = store.put_bytes(&key, keep.clone()).await {
+        warn!(%key, error = %e, "patch not kept");
+    }
+    worth.then_some(keep)
+}
+
+async fn patch_step(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Result<Pieces, BoxError> {
+    match patch_of(store, patcher, p).await {
+        Some(patch) => Ok(vec![Bytes::from(patch_prefix(p.index, &p.base, patch.len())), patch]),
+        None => frames_of(store, p.index, &p.loc).await,
+    }
+}
+
+/// A piece of the body; the last one of a step carries the step's budget permit, the trailer
+/// says the stream is complete.
+enum Piece {
+    Bytes(Bytes, Option<OwnedSemaphorePermit>),
+    Trailer(Bytes),
+    Failed(BoxError),
+}
+
+/// A bundle response body.
 #[derive(Debug)]
 pub struct BundleBody {
     rx: mpsc::Receiver<Piece>,
-    remaining: u64,
+    remaining: Option<u64>,
+    complete: bool,
+}
+
+impl std::fmt::Debug for Piece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Piece")
+    }
 }
 
 impl BundleBody {
     /// Starts streaming `plan`. At most `read_ahead` bytes are read from the store ahead of what
     /// the client took.
-    pub fn start(plan: Arc<Plan>, store: AnyStore, read_ahead: u64) -> Self {
+    pub fn start(plan: Arc<Plan>, store: AnyStore, patcher: Patcher, read_ahead: u64) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
         let budget_units = (read_ahead / UNIT).clamp(1, u64::from(u32::MAX >> 3)) as u32;
         let budget = Arc::new(Semaphore::new(budget_units as usize));
-        let total = plan.total;
+        let remaining = plan.total;
         tokio::spawn(async move {
-            if tx.send(Ok((plan.header.clone(), None))).await.is_err() {
+            if tx.send(Piece::Bytes(plan.header.clone(), None)).await.is_err() {
                 return;
             }
-            // Permits are taken in read order before a read starts, so a later read never holds
+            // Permits are taken in step order before a step starts, so a later step never holds
             // budget an earlier one waits for.
-            let reads = plan.reads.len();
+            let n = plan.steps.len();
             let mut results = std::pin::pin!(
-                futures::stream::iter(0..reads)
+                futures::stream::iter(0..n)
                     .then(|i| {
-                        let (budget, len) = (budget.clone(), plan.reads[i].len);
+                        let (budget, len) = (budget.clone(), plan.steps[i].budget());
                         async move {
                             let units = (len.div_ceil(UNIT) as u32).clamp(1, budget_units);
                             (i, budget.acquire_many_owned(units).await)
                         }
                     })
                     .map(|(i, permit)| {
-                        let (store, plan) = (store.clone(), plan.clone());
+                        let (store, plan, patcher) = (store.clone(), plan.clone(), patcher.clone());
                         async move {
-                            let r = &plan.reads[i];
-                            (i, store.get_range(&r.key, r.offset, r.len).await, permit)
+                            let out = match &plan.steps[i] {
+                                Step::Read(r) => read_step(&store, r).await,
+                                Step::Patch(p) => patch_step(&store, &patcher, p).await,
+                            };
+                            (out, permit)
                         }
                     })
-                    .buffered(READS_IN_FLIGHT)
+                    .buffered(STEPS_IN_FLIGHT)
             );
-            while let Some((i, data, permit)) = results.next().await {
-                let r = &plan.reads[i];
-                let (data, permit) = match (data, permit) {
-                    (Ok(d), Ok(p)) => (d, p),
+            while let Some((out, permit)) = results.next().await {
+                let (pieces, permit) = match (out, permit) {
+                    (Ok(p), Ok(permit)) => (p, permit),
                     (Err(e), _) => {
-                        warn!(key = %r.key, offset = r.offset, error = %e, "bundle read failed; cutting the stream");
-                        let _ = tx.send(Err(Box::new(e))).await;
+                        let _ = tx.send(Piece::Failed(e)).await;
                         return;
                     }
                     (_, Err(e)) => {
-                        let _ = tx.send(Err(Box::new(e))).await;
+                        let _ = tx.send(Piece::Failed(Box::new(e))).await;
                         return;
                     }
                 };
                 let mut permit = Some(permit);
-                let n = r.frames.len();
-                for (k, &(index, at, start, clen)) in r.frames.iter().enumerate() {
-                    let prefix = Bytes::from(chunk_prefix(index, at, clen as usize));
-                    let frame = data.slice(start as usize..(start + clen) as usize);
-                    let last = if k + 1 == n { permit.take() } else { None };
-                    if tx.send(Ok((prefix, None))).await.is_err() || tx.send(Ok((frame, last))).await.is_err()
-                    {
+                let last = pieces.len().saturating_sub(1);
+                for (k, b) in pieces.into_iter().enumerate() {
+                    let p = if k == last { permit.take() } else { None };
+                    if tx.send(Piece::Bytes(b, p)).await.is_err() {
                         return;
                     }
                 }
             }
-            let _ = tx.send(Ok((plan.trailer.clone(), None))).await;
+            let _ = tx.send(Piece::Trailer(plan.trailer.clone())).await;
         });
-        BundleBody { rx, remaining: total }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.remaining
+        BundleBody { rx, remaining, complete: false }
     }
 }
 
@@ -170,37 +344,50 @@ impl http_body::Body for BundleBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.complete {
+            return Poll::Ready(None);
+        }
         match self.rx.poll_recv(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(None) if self.remaining == 0 => Poll::Ready(None),
             Poll::Ready(None) => Poll::Ready(Some(Err("the bundle producer stopped early".into()))),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Piece::Failed(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Piece::Trailer(b))) => {
+                self.complete = true;
+                self.remaining = Some(0);
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
             // The permit goes when the bytes leave: the budget counts what waits here, not in hyper.
-            Poll::Ready(Some(Ok((b, _permit)))) => {
-                self.remaining = self.remaining.saturating_sub(b.len() as u64);
+            Poll::Ready(Some(Piece::Bytes(b, _permit))) => {
+                if let Some(r) = self.remaining.as_mut() {
+                    *r = r.saturating_sub(b.len() as u64);
+                }
                 Poll::Ready(Some(Ok(Frame::data(b))))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.remaining == 0
+        self.complete
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use starlight_format::{Digest, Frame as ZFrame};
+    use starlight_format::Frame as ZFrame;
 
-    fn loc(blob: u8, frames: &[(u64, u32)]) -> ContentLocation {
+    fn loc(blob: u8, frames: &[(u64, u32)]) -> Send {
         let frames: Vec<ZFrame> =
             frames.iter().map(|&(offset, clen)| ZFrame { offset, clen, ulen: 100 }).collect();
-        ContentLocation { blob: Digest::of(&[blob]), size: 100 * frames.len() as u64, frames }
+        let loc = ContentLocation { blob: Digest::of(&[blob]), size: 100 * frames.len() as u64, frames };
+        Send { content: Digest::of(&[blob, 0]), loc, base: None }
     }
 
     #[test]
@@ -215,10 +402,28 @@ mod tests {
             // Too big to join.
             loc(2, &[(110, (READ_MAX) as u32)]),
         ];
-        let (reads, _) = plan(&contents);
+        let (steps, _) = plan(contents);
+        let reads: Vec<&Read> =
+            steps.iter().map(|s| if let Step::Read(r) = s { r } else { panic!("no patches here") }).collect();
         let shape: Vec<(u64, u64, usize)> = reads.iter().map(|r| (r.offset, r.len, r.frames.len())).collect();
         assert_eq!(shape, vec![(0, 35, 3), (100, 5, 1), (105, 5, 1), (110, READ_MAX, 1)]);
         assert_eq!(reads[0].frames[1], (0, 100, 10, 20));
         assert_eq!(reads[0].frames[2], (1, 0, 30, 5));
+    }
+
+    #[test]
+    fn a_content_with_a_base_is_its_own_step_and_makes_the_length_open() {
+        let mut with_base = loc(1, &[(35, 5)]);
+        with_base.base = Some((Digest::of(b"old"), loc(3, &[(0, 9)]).loc));
+        let contents = vec![loc(1, &[(0, 35)]), with_base, loc(1, &[(40, 5)])];
+        let (steps, _) = plan(contents);
+        let kinds: Vec<&str> =
+            steps.iter().map(|s| if matches!(s, Step::Read(_)) { "read" } else { "patch" }).collect();
+        assert_eq!(kinds, ["read", "patch", "read"]);
+        let plan = Plan::new(vec![0; 10], vec![loc(1, &[(0, 35)])]);
+        assert!(plan.len().is_some());
+        let mut with_base = loc(1, &[(35, 5)]);
+        with_base.base = Some((Digest::of(b"old"), loc(3, &[(0, 9)]).loc));
+        assert_eq!(Plan::new(vec![0; 10], vec![with_base]).len(), None);
     }
 }

@@ -19,6 +19,8 @@ pub struct Fetched {
     pub order: Vec<Digest>,
     /// Bytes of the response body.
     pub wire_bytes: u64,
+    /// Contents that came as patches against a content the client held.
+    pub patched: usize,
     pub headers: reqwest::header::HeaderMap,
 }
 
@@ -37,6 +39,18 @@ pub async fn fetch(
     query: &str,
     creds: Option<(&str, &str)>,
     held: Option<&[Digest]>,
+) -> Result<Fetched, Refused> {
+    fetch_with(base, name, query, creds, held, &HashMap::new()).await
+}
+
+/// [`fetch`], with the contents the client holds (the bases of patches).
+pub async fn fetch_with(
+    base: &str,
+    name: &str,
+    query: &str,
+    creds: Option<(&str, &str)>,
+    held: Option<&[Digest]>,
+    holds: &HashMap<Digest, Vec<u8>>,
 ) -> Result<Fetched, Refused> {
     let url = format!("{base}/v2/{name}/_starlight/bundle?{query}");
     let client = super::http();
@@ -59,13 +73,23 @@ pub async fn fetch(
     let mut dec = Decoder::new();
     let (mut header, mut contents, mut order, mut partial) =
         (None, HashMap::new(), Vec::new(), HashMap::new());
-    let mut wire_bytes = 0u64;
+    let (mut wire_bytes, mut patched) = (0u64, 0);
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.expect("bundle body");
         wire_bytes += chunk.len() as u64;
-        for ev in dec.feed(&chunk).expect("a valid bundle") {
+        let mut events = dec.feed(&chunk).expect("a valid bundle");
+        while !events.is_empty() {
+            let ev = events.remove(0);
             match ev {
+                Event::Patch { index, base, size, frame } => {
+                    let old = holds.get(&base).expect("a patch against a content the client holds");
+                    let data =
+                        starlight_format::bundle::apply_patch(old, &frame, size).expect("patch applies");
+                    partial.insert(index, data.clone());
+                    events.insert(0, dec.patched(index, &data).expect("patched content verifies"));
+                    patched += 1;
+                }
                 Event::Header(h) => header = Some(*h),
                 Event::Chunk { index, data, .. } => {
                     partial.entry(index).or_insert_with(Vec::new).extend_from_slice(&data)
@@ -79,7 +103,7 @@ pub async fn fetch(
         }
     }
     dec.finish().expect("a complete bundle");
-    Ok(Fetched { header: header.unwrap(), contents, order, wire_bytes, headers })
+    Ok(Fetched { header: header.unwrap(), contents, order, wire_bytes, patched, headers })
 }
 
 /// Writes the filesystem of `header` under `root`, taking contents from `contents`.
