@@ -114,7 +114,7 @@ pub fn run(
     rounds: usize,
     stream_mib: usize,
     sizes: &[usize],
-    patch_levels: &[i32],
+    levels: &[i32],
 ) -> anyhow::Result<()> {
     let bin = match bin {
         Some(b) => b,
@@ -164,17 +164,17 @@ pub fn run(
     };
     println!("## Bundle sizes (Debian redis-server image)\n");
     println!(
-        "| patch level | (a) fresh bundle bytes | vs gzip layers ({gzip_v1}) | first request s (converts) | \
-         (b) update bytes | vs plain pull ({plain_update}) | first update s (converts, makes patches) | \
+        "| recompress level | (a) fresh bundle bytes | vs gzip layers ({gzip_v1}) | first request s (converts, makes batches) | \
+         (b) update bytes | vs plain pull ({plain_update}) | first update s (converts, makes batches and patches) | \
          next update s |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut kept = None;
-    for (k, &level) in patch_levels.iter().enumerate() {
+    for (k, &level) in levels.iter().enumerate() {
         let dir = work.path().join(format!("gateway-{level}"));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("gateway.toml");
-        std::fs::write(&config, format!("patch_level = {level}\n"))?;
+        std::fs::write(&config, format!("recompress_level = {level}\n"))?;
         let gw = start_gateway(
             &bin,
             &format!("http://{}", reg.addr()),
@@ -211,7 +211,7 @@ pub fn run(
             kept = Some((gw, dir));
         }
     }
-    let (gw, dir) = kept.context("no patch level given")?;
+    let (gw, dir) = kept.context("no level given")?;
     let store = dir.join("store");
     let base = format!("http://{}", gw.addr);
 

@@ -78,10 +78,10 @@ enum Cmd {
         /// File counts of the synthetic latency images.
         #[arg(long, value_delimiter = ',', default_value = "5000,20000,50000")]
         sizes: Vec<usize>,
-        /// zstd levels of patches to measure the update bundle with (the first one is used for
-        /// the rest of the run).
-        #[arg(long, value_delimiter = ',', default_value = "19")]
-        patch_levels: Vec<i32>,
+        /// zstd levels of batches and patches to measure bundle sizes with (the first one is
+        /// used for the rest of the run).
+        #[arg(long, value_delimiter = ',', default_value = "9,3,19")]
+        levels: Vec<i32>,
     },
 }
 
@@ -91,8 +91,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gateway { gateway_bin, blob_mib, rounds, clients } => {
             gateway::run(gateway_bin, blob_mib, rounds, clients)
         }
-        Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes, patch_levels } => {
-            bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes, &patch_levels)
+        Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes, levels } => {
+            bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes, &levels)
         }
     }
 }

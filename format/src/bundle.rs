@@ -35,6 +35,11 @@ const REC_CHUNK: u8 = b'C';
 const REC_TRAILER: u8 = b'T';
 const REC_PATCH: u8 = b'P';
 const REC_HEADER_ZSTD: u8 = b'Z';
+const REC_BATCH: u8 = b'B';
+/// Largest batch: the contents of one batch record together, uncompressed.
+pub const MAX_BATCH: u64 = CHUNK_SIZE;
+/// Most contents in one batch record.
+pub const MAX_BATCH_CONTENTS: u64 = 65_536;
 
 /// A content the bundle carries, in stream order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,6 +205,19 @@ pub fn apply_patch(base: &[u8], frame: &[u8], size: u64) -> Result<Vec<u8>, Stri
         return Err(format!("patch gives {} bytes, expected {size}", out.len()));
     }
     Ok(out)
+}
+
+/// The bytes that precede a batch's zstd frame: contents `first` .. `first + count` (in the
+/// content table's order), concatenated, are the frame's content.
+pub fn batch_prefix(first: u64, count: u64, frame_len: usize) -> Vec<u8> {
+    let mut inner = Writer::new();
+    inner.varint(first);
+    inner.varint(count);
+    let mut w = Writer::new();
+    w.u8(REC_BATCH);
+    w.varint((inner.buf.len() + frame_len) as u64);
+    w.raw(&inner.buf);
+    w.buf
 }
 
 /// The trailer: how many contents and content bytes the stream carried.
@@ -368,6 +386,7 @@ impl Decoder {
             REC_CHUNK => MAX_CHUNK_RECORD,
             REC_TRAILER => 64,
             REC_PATCH => MAX_PATCH_RECORD,
+            REC_BATCH => MAX_CHUNK_RECORD,
             other => return Err(self.bad(format!("unknown record type {other:#04x}"))),
         };
         let mut r = Reader::new(&buf[1..]);
@@ -391,6 +410,7 @@ impl Decoder {
             }
             REC_CHUNK => self.chunk_record(&payload)?,
             REC_PATCH => self.patch_record(&payload)?,
+            REC_BATCH => self.batch_record(&payload)?,
             _ => self.trailer_record(&payload)?,
         };
         self.consume(head + len);
@@ -503,6 +523,50 @@ impl Decoder {
         }
         self.patches.insert(index, c);
         Ok(vec![Event::Patch { index, base, size: c.size, frame }])
+    }
+
+    fn batch_record(&mut self, p: &[u8]) -> Result<Vec<Event>, BundleError> {
+        let contents = self.header.as_ref().ok_or_else(|| self.bad("a batch before the header"))?;
+        let mut r = Reader::new(p);
+        let first = r.varint("batch first index")?;
+        let count = r.varint_max(MAX_BATCH_CONTENTS, "batch count")?;
+        let frame = &p[r.position()..];
+        let end = first.checked_add(count).filter(|e| *e <= contents.len() as u64 && count > 0);
+        let end =
+            end.ok_or_else(|| self.bad(format!("batch of {count} contents from {first} out of range")))?;
+        let items: Vec<ContentRef> = contents[first as usize..end as usize].to_vec();
+        let total: u64 = items.iter().map(|c| c.size).sum();
+        if total > MAX_BATCH {
+            return Err(self.bad(format!("a batch of {total} bytes, above {MAX_BATCH}")));
+        }
+        for i in first..end {
+            if self.complete.contains(&i) || self.patches.contains_key(&i) || self.progress.contains_key(&i) {
+                return Err(self.bad(format!("content {i} sent twice")));
+            }
+        }
+        let data = zstd::bulk::decompress(frame, total as usize)
+            .map_err(|e| self.bad(format!("batch from content {first} does not decompress: {e}")))?;
+        if data.len() as u64 != total {
+            return Err(
+                self.bad(format!("batch from content {first} holds {} bytes, expected {total}", data.len()))
+            );
+        }
+        let mut events = Vec::with_capacity(2 * items.len());
+        let mut at = 0usize;
+        for (k, c) in items.iter().enumerate() {
+            let index = first + k as u64;
+            let part = &data[at..at + c.size as usize];
+            at += c.size as usize;
+            if Digest::of(part) != c.digest {
+                return Err(BundleError::DigestMismatch { index, digest: c.digest });
+            }
+            self.complete.insert(index);
+            self.done += 1;
+            self.done_bytes += c.size;
+            events.push(Event::Chunk { index, offset: 0, data: part.to_vec() });
+            events.push(Event::ContentDone { index, digest: c.digest });
+        }
+        Ok(events)
     }
 
     /// Hands back content `index`, rebuilt from its patch; verifies it and completes it.

@@ -263,3 +263,46 @@ fn a_compressed_header_decodes_the_same() {
     let mut d = Decoder::new();
     assert!(d.feed(&bad).is_err());
 }
+
+#[test]
+fn a_batch_carries_small_contents_together() {
+    let contents: Vec<Vec<u8>> =
+        (0..50).map(|i| format!("small file number {i}\n").repeat(3).into_bytes()).collect();
+    let mut stream = encode_header(&header(&contents));
+    // Contents 0..40 in two batches, the rest as chunks.
+    for (first, count) in [(0u64, 25u64), (25, 15)] {
+        let joined: Vec<u8> = contents[first as usize..(first + count) as usize].concat();
+        let frame = zstd::bulk::compress(&joined, 3).unwrap();
+        stream.extend(batch_prefix(first, count, frame.len()));
+        stream.extend(frame);
+    }
+    for (i, c) in contents.iter().enumerate().skip(40) {
+        let frame = zstd::bulk::compress(c, 1).unwrap();
+        stream.extend(chunk_prefix(i as u64, 0, frame.len()));
+        stream.extend(frame);
+    }
+    let bytes: u64 = contents.iter().map(|c| c.len() as u64).sum();
+    stream.extend(encode_trailer(contents.len() as u64, bytes));
+    let (_, got) = decode(&stream, 13).unwrap();
+    assert_eq!(got, contents);
+
+    // A batch whose bytes do not match a digest, or that overlaps what came, is refused.
+    let mut bad = encode_header(&header(&contents));
+    let mut joined: Vec<u8> = contents[..2].concat();
+    joined[0] ^= 1;
+    let frame = zstd::bulk::compress(&joined, 3).unwrap();
+    bad.extend(batch_prefix(0, 2, frame.len()));
+    bad.extend(frame);
+    assert!(matches!(Decoder::new().feed(&bad), Err(BundleError::DigestMismatch { index: 0, .. })));
+    let mut twice = encode_header(&header(&contents));
+    let frame = zstd::bulk::compress(&contents[..2].concat(), 3).unwrap();
+    for _ in 0..2 {
+        twice.extend(batch_prefix(0, 2, frame.len()));
+        twice.extend(&frame);
+    }
+    assert!(Decoder::new().feed(&twice).unwrap_err().to_string().contains("sent twice"));
+    let mut out_of_range = encode_header(&header(&contents));
+    out_of_range.extend(batch_prefix(49, 2, frame.len()));
+    out_of_range.extend(&frame);
+    assert!(Decoder::new().feed(&out_of_range).is_err());
+}

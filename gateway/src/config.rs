@@ -47,11 +47,12 @@ pub struct Config {
     pub cache_images: usize,
     /// Bytes of stored frames read ahead per bundle.
     pub bundle_read_ahead: u64,
-    /// zstd level of patches (an updated file sent as its difference from the version the worker
-    /// holds); each patch is made once and kept in the store.
-    pub patch_level: i32,
-    /// Patches made at once (each holds two contents of up to 32 MiB).
-    pub patch_workers: usize,
+    /// zstd level of batches (small files compressed together) and patches (an updated file sent
+    /// as its difference from the version the worker holds); each is made once and kept in the
+    /// store.
+    pub recompress_level: i32,
+    /// Batches and patches made at once (each holds up to two contents of 32 MiB).
+    pub recompress_workers: usize,
     /// OTLP gRPC endpoint for traces (else `OTEL_EXPORTER_OTLP_ENDPOINT`, read by the binary).
     pub otlp_endpoint: Option<String>,
     /// `text` or `json` logs.
@@ -79,8 +80,8 @@ impl Default for Config {
             work_dir: None,
             cache_images: 64,
             bundle_read_ahead: 8 << 20,
-            patch_level: 19,
-            patch_workers: 2,
+            recompress_level: 9,
+            recompress_workers: 2,
             otlp_endpoint: None,
             log_format: "text".into(),
         }
@@ -148,8 +149,8 @@ impl Config {
                 return Err(ConfigError::Invalid { key: "platforms", why: e.to_string() });
             }
         }
-        if !(1..=19).contains(&self.patch_level) {
-            return invalid("patch_level", "must be a zstd level from 1 to 19");
+        if !(1..=19).contains(&self.recompress_level) {
+            return invalid("recompress_level", "must be a zstd level from 1 to 19");
         }
         if self.bundle_read_ahead < (1 << 20) {
             return invalid("bundle_read_ahead", "must be at least 1 MiB (1048576)");

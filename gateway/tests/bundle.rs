@@ -176,13 +176,18 @@ fn all_contents(h: &starlight_format::bundle::Header) -> HashSet<Digest> {
     starlight_format::Toc { diff_id: Digest([0; 32]), entries: h.entries.clone() }.content_digests().collect()
 }
 
-async fn conversions(gw: &common::Gateway) -> u64 {
+/// A value from the gateway's /metrics (`name` with its labels, as printed).
+async fn metric(gw: &common::Gateway, name: &str) -> u64 {
     let text =
         common::http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
     text.lines()
-        .find(|l| l.starts_with("starlight_gateway_conversions_total{result=\"ok\"}"))
+        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
+}
+
+async fn conversions(gw: &common::Gateway) -> u64 {
+    metric(gw, "starlight_gateway_conversions_total{result=\"ok\"}").await
 }
 
 /// The corpus through one backend pair: fresh bundle, update, resume.
@@ -202,8 +207,10 @@ async fn corpus_on(dir: tempfile::TempDir, backends: Backends) {
     assert_eq!(v1.order.len(), want_v1.len(), "each content exactly once");
     let umoci_v1 = unpack(&layout, "v1", dir.path());
     same_as_umoci(&umoci_v1, &v1.header, &v1.contents, dir.path(), "ours-v1");
-    // The 9 MiB file came in several chunks (it is stored as three frames).
+    // The 9 MiB file came in several chunks (it is stored as three frames); the small files came
+    // in batches.
     assert!(v1.header.contents.iter().any(|c| c.size == 9 << 20));
+    assert!(metric(&gw, "starlight_gateway_bundle_batches_total").await >= 1, "no batch sent");
 
     // Update: only contents v1 lacks, and v1's contents + the update give v2.
     let v1_digest = v1.header.manifest_digest;
@@ -221,6 +228,7 @@ async fn corpus_on(dir: tempfile::TempDir, backends: Backends) {
     assert_eq!(sent.len(), 3, "data/big, bin/tool and new/thing changed; new/copy's content is in v1");
     // data/big (9 MiB) changed in 16 bytes: it comes as a patch against v1's data/big.
     assert!(v2.patched >= 1, "no patch used");
+    assert!(metric(&gw, "starlight_gateway_bundle_patches_total").await >= 1);
     assert!(v2.wire_bytes < 1 << 20, "the update weighs {} bytes", v2.wire_bytes);
     let mut union = v1.contents.clone();
     union.extend(v2.contents.clone());

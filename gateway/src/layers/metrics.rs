@@ -43,6 +43,9 @@ pub struct Metrics {
     pub conversions: Family<crate::starlight::ResultLabel, Counter>,
     pub bundles: Counter,
     pub bundle_contents: Counter,
+    /// Batch and patch records sent (small files together; updated files as differences).
+    pub bundle_batches: Counter,
+    pub bundle_patches: Counter,
 }
 
 impl Default for Metrics {
@@ -89,6 +92,13 @@ impl Default for Metrics {
         );
         registry.register("bundles", "Bundles served", bundles.clone());
         registry.register("bundle_contents", "Contents sent in bundles", bundle_contents.clone());
+        let (bundle_batches, bundle_patches) = (Counter::default(), Counter::default());
+        registry.register(
+            "bundle_batches",
+            "Batches of small contents sent in bundles",
+            bundle_batches.clone(),
+        );
+        registry.register("bundle_patches", "Contents sent as patches in bundles", bundle_patches.clone());
         Metrics {
             registry,
             requests,
@@ -99,6 +109,8 @@ impl Default for Metrics {
             conversions,
             bundles,
             bundle_contents,
+            bundle_batches,
+            bundle_patches,
         }
     }
 }

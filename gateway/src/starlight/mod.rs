@@ -87,7 +87,7 @@ pub struct Starlight {
     convert_timeout: Duration,
     tmp_dir: std::path::PathBuf,
     read_ahead: u64,
-    patcher: stream::Patcher,
+    recompressor: stream::Recompressor,
 }
 
 impl Starlight {
@@ -112,16 +112,17 @@ impl Starlight {
             cache: image::Cache::new(config.cache_images),
             flights: convert::Flights::default(),
             trace_locks: Mutex::default(),
-            metrics,
+            metrics: metrics.clone(),
             credentials: config.upstream_credentials.as_deref().and_then(|c| c.parse().ok()),
             webhook_token: config.webhook_token.clone(),
             platforms,
             convert_timeout: Config::secs(config.convert_timeout),
             tmp_dir: config.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             read_ahead: config.bundle_read_ahead,
-            patcher: stream::Patcher {
-                level: config.patch_level,
-                slots: Arc::new(tokio::sync::Semaphore::new(config.patch_workers.max(1))),
+            recompressor: stream::Recompressor {
+                level: config.recompress_level,
+                slots: Arc::new(tokio::sync::Semaphore::new(config.recompress_workers.max(1))),
+                metrics: metrics.clone(),
             },
         }
     }
@@ -283,7 +284,8 @@ impl Starlight {
         self.metrics.bundle_contents.inc_by(plan.contents);
         let (n, content_bytes) = (plan.contents, plan.content_bytes);
         let len = plan.len();
-        let body = stream::BundleBody::start(plan, b.store.clone(), self.patcher.clone(), self.read_ahead);
+        let body =
+            stream::BundleBody::start(plan, b.store.clone(), self.recompressor.clone(), self.read_ahead);
         let mut resp = Response::new(boxed(body));
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(BUNDLE_MEDIA_TYPE));

@@ -1,8 +1,10 @@
 //! The bundle body: the header at once, then the contents in order, then the trailer. Stored zstd
 //! frames are read from the object store with coalesced range reads (adjacent frames of one blob
 //! in one read), a few steps in flight, and a byte budget that bounds what is read but not yet
-//! sent. A content the worker holds an older version of goes as a patch against it when that is
-//! smaller: made once per (old, new) pair and kept in the store.
+//! sent. Small files go in batches (one zstd frame for many files, which gives them the shared
+//! context that one frame per file lacks), and a content the worker holds an older version of goes
+//! as a patch against it. Both are made once, kept in the store, and sent only when smaller than
+//! the stored frames they replace.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,8 +16,11 @@ use http_body::{Frame, SizeHint};
 use starlight_converter::ObjectStore;
 use starlight_converter::content::read_content;
 use starlight_converter::store::AnyStore;
-use starlight_format::bundle::{MAX_PATCH_CONTENT, chunk_prefix, encode_trailer, make_patch, patch_prefix};
-use starlight_format::{ContentLocation, Digest, blob_key};
+use starlight_format::bundle::{
+    MAX_BATCH, MAX_BATCH_CONTENTS, MAX_PATCH_CONTENT, batch_prefix, chunk_prefix, encode_trailer, make_patch,
+    patch_prefix,
+};
+use starlight_format::{ContentLocation, Digest, Hasher, blob_key};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, warn};
 
@@ -27,8 +32,12 @@ const READ_MAX: u64 = 2 << 20;
 const STEPS_IN_FLIGHT: usize = 4;
 /// Budget units: KiB.
 const UNIT: u64 = 1024;
-/// A patch is sent only if it is at most this fraction (in 1/16) of the stored frames.
-const PATCH_WORTH: u64 = 14;
+/// A patch or a batch is sent only if it is at most this fraction (in 1/16) of the stored frames.
+const WORTH: u64 = 14;
+/// Contents up to this size go in batches.
+pub const BATCH_FILE_MAX: u64 = 256 << 10;
+/// Stored frames read together when making a batch.
+const BATCH_READ_MAX: u64 = 8 << 20;
 
 /// One range read and the frames it carries: (content index, offset in the content, frame start
 /// within the read, frame length).
@@ -50,10 +59,19 @@ struct PatchStep {
     base_loc: ContentLocation,
 }
 
+/// Consecutive small contents that may go as one batch, else as their stored frames.
+#[derive(Debug)]
+struct BatchStep {
+    first: u64,
+    items: Vec<(Digest, ContentLocation)>,
+    size: u64,
+}
+
 #[derive(Debug)]
 enum Step {
     Read(Read),
     Patch(PatchStep),
+    Batch(BatchStep),
 }
 
 impl Step {
@@ -62,6 +80,7 @@ impl Step {
         match self {
             Step::Read(r) => r.len,
             Step::Patch(p) => stored_len(&p.loc),
+            Step::Batch(b) => b.items.iter().map(|(_, l)| stored_len(l)).sum(),
         }
     }
 }
@@ -98,8 +117,8 @@ impl Plan {
         let bytes: u64 = contents.iter().map(|c| c.loc.size).sum();
         let (steps, chunks) = plan(contents);
         let trailer = Bytes::from(encode_trailer(count, bytes));
-        let patches = steps.iter().any(|s| matches!(s, Step::Patch(_)));
-        let total = (!patches).then(|| header.len() as u64 + chunks + trailer.len() as u64);
+        let remade = steps.iter().any(|s| !matches!(s, Step::Read(_)));
+        let total = (!remade).then(|| header.len() as u64 + chunks + trailer.len() as u64);
         Plan { header: Bytes::from(header), steps, trailer, total, contents: count, content_bytes: bytes }
     }
 
@@ -124,6 +143,17 @@ fn plan(contents: Vec<Send>) -> (Vec<Step>, u64) {
             && base_loc.size <= MAX_PATCH_CONTENT
         {
             steps.push(Step::Patch(PatchStep { index: i, content: c.content, loc: c.loc, base, base_loc }));
+            continue;
+        }
+        if c.loc.size <= BATCH_FILE_MAX {
+            let joins = matches!(steps.last(), Some(Step::Batch(b))
+                if b.size + c.loc.size <= MAX_BATCH && (b.items.len() as u64) < MAX_BATCH_CONTENTS);
+            if !joins {
+                steps.push(Step::Batch(BatchStep { first: i, items: Vec::new(), size: 0 }));
+            }
+            let Some(Step::Batch(b)) = steps.last_mut() else { unreachable!() };
+            b.size += c.loc.size;
+            b.items.push((c.content, c.loc));
             continue;
         }
         let key = blob_key(&c.loc.blob);
@@ -161,12 +191,23 @@ pub fn patch_key(base: &Digest, content: &Digest) -> String {
     format!("patches/sha256/{}/{}", base.hex(), content.hex())
 }
 
-/// How patches are made: the zstd level and how many may be made at once (each holds two
-/// contents of up to 32 MiB).
+/// Object-store key of the batch of `items` made at `level` (empty when a batch does not pay).
+pub fn batch_key(level: i32, items: &[(Digest, ContentLocation)]) -> String {
+    let mut h = Hasher::new();
+    h.update(&level.to_le_bytes());
+    for (d, _) in items {
+        h.update(&d.0);
+    }
+    format!("batches/sha256/{}", h.finish().hex())
+}
+
+/// How batches and patches are made: the zstd level and how many may be made at once (each
+/// holds up to two contents of 32 MiB, or a batch of 4 MiB).
 #[derive(Clone, Debug)]
-pub struct Patcher {
+pub struct Recompressor {
     pub level: i32,
     pub slots: Arc<Semaphore>,
+    pub metrics: Arc<crate::layers::Metrics>,
 }
 
 /// What one step sends.
@@ -202,7 +243,7 @@ async fn frames_of(store: &AnyStore, index: u64, loc: &ContentLocation) -> Resul
 
 /// The patch for `p`: from the store if made before, else made now (and kept). `None` when a
 /// patch does not pay or cannot be made; the content then goes as its frames.
-async fn patch_of(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Option<Bytes> {
+async fn patch_of(store: &AnyStore, recompressor: &Recompressor, p: &PatchStep) -> Option<Bytes> {
     let key = patch_key(&p.base, &p.content);
     match store.size(&key).await {
         Ok(Some(0)) => return None,
@@ -216,7 +257,7 @@ async fn patch_of(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Option<
             return None;
         }
     }
-    let _slot = patcher.slots.acquire().await.ok()?;
+    let _slot = recompressor.slots.acquire().await.ok()?;
     let base = read_content(store, &p.base, &p.base_loc).await;
     let new = read_content(store, &p.content, &p.loc).await;
     let (base, new) = match (base, new) {
@@ -226,7 +267,7 @@ async fn patch_of(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Option<
             return None;
         }
     };
-    let level = patcher.level;
+    let level = recompressor.level;
     let made = tokio::task::spawn_blocking(move || make_patch(&base, &new, level)).await.ok()?;
     let patch = match made {
         Ok(p) => p,
@@ -235,7 +276,7 @@ async fn patch_of(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Option<
             return None;
         }
     };
-    let worth = (patch.len() as u64) * 16 <= stored_len(&p.loc) * PATCH_WORTH;
+    let worth = (patch.len() as u64) * 16 <= stored_len(&p.loc) * WORTH;
     debug!(%key, patch = patch.len(), stored = stored_len(&p.loc), worth, "patch made");
     let keep = if worth { Bytes::from(patch) } else { Bytes::new() };
     if let Err(e) = store.put_bytes(&key, keep.clone()).await {
@@ -244,11 +285,115 @@ async fn patch_of(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Option<
     worth.then_some(keep)
 }
 
-async fn patch_step(store: &AnyStore, patcher: &Patcher, p: &PatchStep) -> Result<Pieces, BoxError> {
-    match patch_of(store, patcher, p).await {
-        Some(patch) => Ok(vec![Bytes::from(patch_prefix(p.index, &p.base, patch.len())), patch]),
+async fn patch_step(
+    store: &AnyStore,
+    recompressor: &Recompressor,
+    p: &PatchStep,
+) -> Result<Pieces, BoxError> {
+    match patch_of(store, recompressor, p).await {
+        Some(patch) => {
+            recompressor.metrics.bundle_patches.inc();
+            Ok(vec![Bytes::from(patch_prefix(p.index, &p.base, patch.len())), patch])
+        }
         None => frames_of(store, p.index, &p.loc).await,
     }
+}
+
+/// The contents of a batch, read with coalesced range reads and verified.
+async fn batch_contents(store: &AnyStore, items: &[(Digest, ContentLocation)]) -> Result<Vec<u8>, BoxError> {
+    // Every frame, by blob and offset; adjacent ones are read together.
+    let mut frames: Vec<(Digest, u64, u32)> =
+        items.iter().flat_map(|(_, l)| l.frames.iter().map(|f| (l.blob, f.offset, f.clen))).collect();
+    frames.sort();
+    frames.dedup();
+    let mut data: std::collections::HashMap<(Digest, u64), Bytes> = std::collections::HashMap::new();
+    let mut i = 0;
+    while i < frames.len() {
+        let (blob, start, _) = frames[i];
+        let mut j = i;
+        let mut end = start;
+        while j < frames.len()
+            && frames[j].0 == blob
+            && frames[j].1 == end
+            && end - start + u64::from(frames[j].2) <= BATCH_READ_MAX.max(u64::from(frames[i].2))
+        {
+            end += u64::from(frames[j].2);
+            j += 1;
+        }
+        let range = store.get_range(&blob_key(&blob), start, end - start).await?;
+        for &(b, off, clen) in &frames[i..j] {
+            data.insert(
+                (b, off),
+                range.slice((off - start) as usize..(off - start) as usize + clen as usize),
+            );
+        }
+        i = j;
+    }
+    let total: u64 = items.iter().map(|(_, l)| l.size).sum();
+    let mut out = Vec::with_capacity(total as usize);
+    for (d, l) in items {
+        let mut h = Hasher::new();
+        let at = out.len();
+        for f in &l.frames {
+            let frame = data.get(&(l.blob, f.offset)).ok_or("a batch frame went missing")?;
+            let plain = zstd::bulk::decompress(frame, f.ulen as usize)?;
+            out.extend_from_slice(&plain);
+        }
+        h.update(&out[at..]);
+        if h.finish() != *d || (out.len() - at) as u64 != l.size {
+            return Err(format!("stored content {d} does not match its digest").into());
+        }
+    }
+    Ok(out)
+}
+
+/// The batch for `b`: from the store if made before, else made now (and kept). `None` when a
+/// batch does not pay or cannot be made.
+async fn batch_of(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Option<Bytes> {
+    let key = batch_key(rc.level, &b.items);
+    match store.size(&key).await {
+        Ok(Some(0)) => return None,
+        Ok(Some(_)) => match store.get(&key, MAX_BATCH + (1 << 20)).await {
+            Ok(data) => return Some(data),
+            Err(e) => warn!(%key, error = %e, "stored batch unreadable; making it again"),
+        },
+        Ok(None) => {}
+        Err(e) => {
+            warn!(%key, error = %e, "batch lookup failed; sending frames");
+            return None;
+        }
+    }
+    let _slot = rc.slots.acquire().await.ok()?;
+    let plain = match batch_contents(store, &b.items).await {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(%key, error = %e, "cannot read the contents to batch; sending frames");
+            return None;
+        }
+    };
+    let level = rc.level;
+    let frame = tokio::task::spawn_blocking(move || zstd::bulk::compress(&plain, level)).await.ok()?.ok()?;
+    let stored: u64 = b.items.iter().map(|(_, l)| stored_len(l)).sum();
+    let worth = (frame.len() as u64) * 16 <= stored * WORTH;
+    debug!(%key, batch = frame.len(), stored, contents = b.items.len(), worth, "batch made");
+    let keep = if worth { Bytes::from(frame) } else { Bytes::new() };
+    if let Err(e) = store.put_bytes(&key, keep.clone()).await {
+        warn!(%key, error = %e, "batch not kept");
+    }
+    worth.then_some(keep)
+}
+
+async fn batch_step(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Result<Pieces, BoxError> {
+    if let Some(frame) = batch_of(store, rc, b).await {
+        let count = b.items.len() as u64;
+        rc.metrics.bundle_batches.inc();
+        return Ok(vec![Bytes::from(batch_prefix(b.first, count, frame.len())), frame]);
+    }
+    let mut out = Vec::new();
+    for (k, (_, loc)) in b.items.iter().enumerate() {
+        out.extend(frames_of(store, b.first + k as u64, loc).await?);
+    }
+    Ok(out)
 }
 
 /// A piece of the body; the last one of a step carries the step's budget permit, the trailer
@@ -276,7 +421,7 @@ impl std::fmt::Debug for Piece {
 impl BundleBody {
     /// Starts streaming `plan`. At most `read_ahead` bytes are read from the store ahead of what
     /// the client took.
-    pub fn start(plan: Arc<Plan>, store: AnyStore, patcher: Patcher, read_ahead: u64) -> Self {
+    pub fn start(plan: Arc<Plan>, store: AnyStore, recompressor: Recompressor, read_ahead: u64) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
         let budget_units = (read_ahead / UNIT).clamp(1, u64::from(u32::MAX >> 3)) as u32;
         let budget = Arc::new(Semaphore::new(budget_units as usize));
@@ -298,11 +443,12 @@ impl BundleBody {
                         }
                     })
                     .map(|(i, permit)| {
-                        let (store, plan, patcher) = (store.clone(), plan.clone(), patcher.clone());
+                        let (store, plan, recompressor) = (store.clone(), plan.clone(), recompressor.clone());
                         async move {
                             let out = match &plan.steps[i] {
                                 Step::Read(r) => read_step(&store, r).await,
-                                Step::Patch(p) => patch_step(&store, &patcher, p).await,
+                                Step::Patch(p) => patch_step(&store, &recompressor, p).await,
+                                Step::Batch(b) => batch_step(&store, &recompressor, b).await,
                             };
                             (out, permit)
                         }
@@ -386,7 +532,10 @@ mod tests {
     fn loc(blob: u8, frames: &[(u64, u32)]) -> Send {
         let frames: Vec<ZFrame> =
             frames.iter().map(|&(offset, clen)| ZFrame { offset, clen, ulen: 100 }).collect();
-        let loc = ContentLocation { blob: Digest::of(&[blob]), size: 100 * frames.len() as u64, frames };
+        // Large enough not to be batched.
+        let frames: Vec<ZFrame> = frames.into_iter().map(|f| ZFrame { ulen: 1 << 20, ..f }).collect();
+        let loc =
+            ContentLocation { blob: Digest::of(&[blob]), size: (1 << 20) * frames.len() as u64, frames };
         Send { content: Digest::of(&[blob, 0]), loc, base: None }
     }
 
@@ -407,7 +556,7 @@ mod tests {
             steps.iter().map(|s| if let Step::Read(r) = s { r } else { panic!("no patches here") }).collect();
         let shape: Vec<(u64, u64, usize)> = reads.iter().map(|r| (r.offset, r.len, r.frames.len())).collect();
         assert_eq!(shape, vec![(0, 35, 3), (100, 5, 1), (105, 5, 1), (110, READ_MAX, 1)]);
-        assert_eq!(reads[0].frames[1], (0, 100, 10, 20));
+        assert_eq!(reads[0].frames[1], (0, 1 << 20, 10, 20));
         assert_eq!(reads[0].frames[2], (1, 0, 30, 5));
     }
 
@@ -425,5 +574,30 @@ mod tests {
         let mut with_base = loc(1, &[(35, 5)]);
         with_base.base = Some((Digest::of(b"old"), loc(3, &[(0, 9)]).loc));
         assert_eq!(Plan::new(vec![0; 10], vec![with_base]).len(), None);
+    }
+
+    #[test]
+    fn small_contents_are_batched_up_to_the_limit() {
+        let small = |n: u8, size: u64| {
+            let loc = ContentLocation {
+                blob: Digest::of(b"b"),
+                size,
+                frames: vec![ZFrame { offset: u64::from(n) * 100, clen: 100, ulen: size as u32 }],
+            };
+            Send { content: Digest::of(&[n]), loc, base: None }
+        };
+        let mut contents: Vec<Send> = (0..20).map(|n| small(n, 200 << 10)).collect();
+        contents.insert(5, loc(9, &[(0, 10)]));
+        let (steps, _) = plan(contents);
+        let shape: Vec<String> = steps
+            .iter()
+            .map(|s| match s {
+                Step::Batch(b) => format!("batch {}+{}", b.first, b.items.len()),
+                Step::Read(_) => "read".into(),
+                Step::Patch(_) => "patch".into(),
+            })
+            .collect();
+        // 200 KiB each: 20 fit in 4 MiB; the large content in between splits the run.
+        assert_eq!(shape, ["batch 0+5", "read", "batch 6+15"]);
     }
 }
