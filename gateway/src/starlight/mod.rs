@@ -270,7 +270,8 @@ impl Starlight {
             Some(p) => p,
             None => {
                 let p = Arc::new(self.plan(&b, &image, ranks.as_ref(), &have_images, &have, &held).await?);
-                if held.is_empty() {
+                // Kept once exact: until its batches and patches exist, the next request plans again.
+                if held.is_empty() && p.len().is_some() {
                     image.keep_plan(key, p.clone());
                 }
                 p
@@ -328,6 +329,17 @@ impl Starlight {
         let send_set: Vec<Digest> =
             order.into_iter().filter(|d| !have.contains(d) && !held.contains(d)).collect();
         let bases = self.patch_bases(b, image, have_images, &send_set).await?;
+        // Traced and start-up contents keep their places; around them, small files gather into
+        // whole batches.
+        let mut pinned: HashSet<Digest> = startup.iter().filter_map(|p| image.content_of(p)).collect();
+        if let Some(r) = ranks {
+            pinned.extend(r.ordered().into_iter().filter_map(|p| image.content_of(p)));
+        }
+        let batchable = |d: &Digest| {
+            let size = all.get(d)?.size;
+            (size <= stream::BATCH_FILE_MAX && !bases.contains_key(d)).then_some(size)
+        };
+        let send_set = order::group_small(send_set, batchable, &pinned, starlight_format::bundle::MAX_BATCH);
         let mut send = Vec::with_capacity(send_set.len());
         let mut table = Vec::with_capacity(send_set.len());
         for d in send_set {
@@ -351,7 +363,9 @@ impl Starlight {
         );
         let header = compress_header(&header, 3)
             .map_err(|e| GatewayError::Internal(format!("compressing the bundle header: {e}")))?;
-        Ok(stream::Plan::new(header, send))
+        let mut plan = stream::Plan::new(header, send);
+        plan.resolve(&b.store, self.recompressor.level).await;
+        Ok(plan)
     }
 
     /// For contents to send whose path holds another content in a `have` image: that content

@@ -367,6 +367,45 @@ pub fn content_order(p: &Prepared, ranks: Option<&Ranks>, base: &[Digest]) -> Ve
     out
 }
 
+/// Groups small contents so that they fill whole batches: walking `order`, contents for which
+/// `batchable` holds (with their sizes) gather in a group of up to `group_max` bytes, and the
+/// others met meanwhile wait until the group is full. `pinned` contents (traced and start-up
+/// paths) keep their exact place: the group and the waiting ones go out before each of them.
+pub fn group_small(
+    order: Vec<Digest>,
+    batchable: impl Fn(&Digest) -> Option<u64>,
+    pinned: &HashSet<Digest>,
+    group_max: u64,
+) -> Vec<Digest> {
+    let mut out = Vec::with_capacity(order.len());
+    let (mut group, mut waiting, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+    let flush =
+        |out: &mut Vec<Digest>, group: &mut Vec<Digest>, waiting: &mut Vec<Digest>, bytes: &mut u64| {
+            out.append(group);
+            out.append(waiting);
+            *bytes = 0;
+        };
+    for d in order {
+        if pinned.contains(&d) {
+            flush(&mut out, &mut group, &mut waiting, &mut bytes);
+            out.push(d);
+            continue;
+        }
+        match batchable(&d) {
+            Some(size) => {
+                if bytes + size > group_max {
+                    flush(&mut out, &mut group, &mut waiting, &mut bytes);
+                }
+                group.push(d);
+                bytes += size;
+            }
+            None => waiting.push(d),
+        }
+    }
+    flush(&mut out, &mut group, &mut waiting, &mut bytes);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +517,17 @@ mod tests {
         assert_eq!(needs(b"#!/bin/sh -e\necho").interpreter.unwrap(), b"/bin/sh");
         assert_eq!(needs(b"\x7fELF garbage"), Needs::default());
         assert_eq!(needs(&data[..100]).libraries, Vec::<Vec<u8>>::new());
+    }
+
+    #[test]
+    fn small_contents_group_and_pinned_ones_stay() {
+        let d = |n: u8| Digest::of(&[n]);
+        // 1..=6 small (40 bytes each), 10 and 11 large, 20 pinned.
+        let order = vec![d(20), d(1), d(10), d(2), d(3), d(11), d(4), d(5), d(6)];
+        let small = |x: &Digest| (1..=6).any(|n| *x == d(n)).then_some(40);
+        let pinned: HashSet<Digest> = [d(20)].into();
+        let got = group_small(order, small, &pinned, 100);
+        assert_eq!(got, vec![d(20), d(1), d(2), d(10), d(3), d(4), d(11), d(5), d(6)]);
     }
 
     #[test]

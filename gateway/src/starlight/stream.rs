@@ -29,7 +29,7 @@ use crate::body::BoxError;
 /// Adjacent frames are read together up to this many bytes.
 const READ_MAX: u64 = 2 << 20;
 /// Steps in flight per bundle (reads matter for S3, whose every read is a round trip).
-const STEPS_IN_FLIGHT: usize = 4;
+const STEPS_IN_FLIGHT: usize = 8;
 /// Budget units: KiB.
 const UNIT: u64 = 1024;
 /// A patch or a batch is sent only if it is at most this fraction (in 1/16) of the stored frames.
@@ -57,6 +57,8 @@ struct PatchStep {
     loc: ContentLocation,
     base: Digest,
     base_loc: ContentLocation,
+    /// Size of the patch in the store once known (0: it does not pay, the frames go).
+    stored: Option<u64>,
 }
 
 /// Consecutive small contents that may go as one batch, else as their stored frames.
@@ -65,6 +67,8 @@ struct BatchStep {
     first: u64,
     items: Vec<(Digest, ContentLocation)>,
     size: u64,
+    /// Size of the batch in the store once known (0: it does not pay, the frames go).
+    stored: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -122,10 +126,81 @@ impl Plan {
         Plan { header: Bytes::from(header), steps, trailer, total, contents: count, content_bytes: bytes }
     }
 
-    /// The exact body length, unless patches make it depend on what they weigh.
+    /// The exact body length, unless batches or patches not yet made make it unknown.
     pub fn len(&self) -> Option<u64> {
         self.total
     }
+
+    /// Looks up the batches and patches the store already holds (made at `level`), so that the
+    /// exact length is known and the body reads them without asking again.
+    pub async fn resolve(&mut self, store: &AnyStore, level: i32) {
+        let keys: Vec<Option<String>> = self
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Read(_) => None,
+                Step::Batch(b) => Some(batch_key(level, &b.items)),
+                Step::Patch(p) => Some(patch_key(&p.base, &p.content)),
+            })
+            .collect();
+        let sizes: Vec<Option<u64>> = futures::stream::iter(keys)
+            .map(|k| async move {
+                match k {
+                    Some(k) => store.size(&k).await.ok().flatten(),
+                    None => None,
+                }
+            })
+            .buffered(16)
+            .collect()
+            .await;
+        let mut total = (self.header.len() + self.trailer.len()) as u64;
+        let mut known = true;
+        for (step, size) in self.steps.iter_mut().zip(sizes) {
+            match step {
+                Step::Read(r) => {
+                    total += r.frames.iter().map(|&(i, at, _, clen)| chunk_len(i, at, clen)).sum::<u64>();
+                }
+                Step::Batch(b) => {
+                    b.stored = size;
+                    total += match size {
+                        Some(0) => b
+                            .items
+                            .iter()
+                            .enumerate()
+                            .map(|(k, (_, l))| frames_len(b.first + k as u64, l))
+                            .sum(),
+                        Some(n) => batch_prefix(b.first, b.items.len() as u64, n as usize).len() as u64 + n,
+                        None => {
+                            known = false;
+                            0
+                        }
+                    };
+                }
+                Step::Patch(p) => {
+                    p.stored = size;
+                    total += match size {
+                        Some(0) => frames_len(p.index, &p.loc),
+                        Some(n) => patch_prefix(p.index, &p.base, n as usize).len() as u64 + n,
+                        None => {
+                            known = false;
+                            0
+                        }
+                    };
+                }
+            }
+        }
+        self.total = known.then_some(total);
+    }
+}
+
+/// Length of one chunk record.
+fn chunk_len(index: u64, at: u64, clen: u64) -> u64 {
+    chunk_prefix(index, at, clen as usize).len() as u64 + clen
+}
+
+/// Length of a content's chunk records.
+fn frames_len(index: u64, loc: &ContentLocation) -> u64 {
+    offsets(loc).map(|(at, f)| chunk_len(index, at, u64::from(f.clen))).sum()
 }
 
 /// Plans the steps for `contents` (in stream order) and the length of their chunk records if all
@@ -142,14 +217,21 @@ fn plan(contents: Vec<Send>) -> (Vec<Step>, u64) {
             && c.loc.size <= MAX_PATCH_CONTENT
             && base_loc.size <= MAX_PATCH_CONTENT
         {
-            steps.push(Step::Patch(PatchStep { index: i, content: c.content, loc: c.loc, base, base_loc }));
+            steps.push(Step::Patch(PatchStep {
+                index: i,
+                content: c.content,
+                loc: c.loc,
+                base,
+                base_loc,
+                stored: None,
+            }));
             continue;
         }
         if c.loc.size <= BATCH_FILE_MAX {
             let joins = matches!(steps.last(), Some(Step::Batch(b))
                 if b.size + c.loc.size <= MAX_BATCH && (b.items.len() as u64) < MAX_BATCH_CONTENTS);
             if !joins {
-                steps.push(Step::Batch(BatchStep { first: i, items: Vec::new(), size: 0 }));
+                steps.push(Step::Batch(BatchStep { first: i, items: Vec::new(), size: 0, stored: None }));
             }
             let Some(Step::Batch(b)) = steps.last_mut() else { unreachable!() };
             b.size += c.loc.size;
@@ -245,7 +327,11 @@ async fn frames_of(store: &AnyStore, index: u64, loc: &ContentLocation) -> Resul
 /// patch does not pay or cannot be made; the content then goes as its frames.
 async fn patch_of(store: &AnyStore, recompressor: &Recompressor, p: &PatchStep) -> Option<Bytes> {
     let key = patch_key(&p.base, &p.content);
-    match store.size(&key).await {
+    let size = match p.stored {
+        Some(n) => Ok(Some(n)),
+        None => store.size(&key).await,
+    };
+    match size {
         Ok(Some(0)) => return None,
         Ok(Some(_)) => match store.get(&key, MAX_PATCH_CONTENT + (1 << 20)).await {
             Ok(b) => return Some(b),
@@ -351,7 +437,11 @@ async fn batch_contents(store: &AnyStore, items: &[(Digest, ContentLocation)]) -
 /// batch does not pay or cannot be made.
 async fn batch_of(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Option<Bytes> {
     let key = batch_key(rc.level, &b.items);
-    match store.size(&key).await {
+    let size = match b.stored {
+        Some(n) => Ok(Some(n)),
+        None => store.size(&key).await,
+    };
+    match size {
         Ok(Some(0)) => return None,
         Ok(Some(_)) => match store.get(&key, MAX_BATCH + (1 << 20)).await {
             Ok(data) => return Some(data),
