@@ -68,6 +68,22 @@ async fn store_contract(store: &impl ObjectStore, scratch: &Path) {
         assert!(got == big_range(offset, len), "range {offset}+{len} differs");
     }
     assert!(matches!(store.get_range(big, BIG - 10, 20).await, Err(StoreError::ShortRead { got: 10, .. })));
+    // Several ranges of several objects at once, in order.
+    store.put_bytes("tocs/sha256/other", Bytes::from_static(b"0123456789")).await.unwrap();
+    let ranges = vec![
+        (big.to_string(), PART - 5, 10),
+        ("tocs/sha256/other".to_string(), 2, 3),
+        (big.to_string(), 0, 7),
+        ("tocs/sha256/other".to_string(), 9, 1),
+    ];
+    let got = store.get_ranges(ranges).await.unwrap();
+    assert!(got[0] == big_range(PART - 5, 10) && got[2] == big_range(0, 7));
+    assert_eq!((&got[1][..], &got[3][..]), (&b"234"[..], &b"9"[..]));
+    let short = vec![(big.to_string(), BIG - 1, 2)];
+    assert!(matches!(store.get_ranges(short).await, Err(StoreError::ShortRead { .. })));
+    let missing = vec![("tocs/sha256/missing".to_string(), 0, 1)];
+    assert!(matches!(store.get_ranges(missing).await, Err(StoreError::NotFound { .. })));
+    store.delete("tocs/sha256/other").await.unwrap();
     store.delete(big).await.unwrap();
 }
 

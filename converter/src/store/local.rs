@@ -113,6 +113,39 @@ impl ObjectStore for LocalStore {
         .await
     }
 
+    async fn get_ranges(&self, ranges: Vec<(String, u64, u64)>) -> Result<Vec<Bytes>, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let this = self.clone();
+        blocking(move || {
+            let mut out = Vec::with_capacity(ranges.len());
+            let mut open: Option<(String, PathBuf, File)> = None;
+            for (key, offset, len) in ranges {
+                if open.as_ref().is_none_or(|(k, _, _)| *k != key) {
+                    let path = this.path_of(&key)?;
+                    let f = File::open(&path).map_err(this.io(&key, &path))?;
+                    open = Some((key.clone(), path, f));
+                }
+                let Some((_, path, f)) = open.as_ref() else { unreachable!() };
+                let mut buf = vec![0u8; len as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    match f.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(this.io(&key, path)(e)),
+                    }
+                }
+                if got as u64 != len {
+                    return Err(StoreError::ShortRead { key, offset, want: len, got: got as u64 });
+                }
+                out.push(Bytes::from(buf));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn get(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || {

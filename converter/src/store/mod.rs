@@ -50,6 +50,16 @@ pub trait ObjectStore: Send + Sync {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Bytes, StoreError>> + Send;
+    /// Reads several ranges, `(key, offset, len)`, returned in order. The default reads them
+    /// concurrently; the local store reads them all in one blocking call.
+    fn get_ranges(
+        &self,
+        ranges: Vec<(String, u64, u64)>,
+    ) -> impl Future<Output = Result<Vec<Bytes>, StoreError>> + Send {
+        async move {
+            futures::future::try_join_all(ranges.iter().map(|(k, o, l)| self.get_range(k, *o, *l))).await
+        }
+    }
     /// Reads a whole small object (TOCs): at most `max` bytes, else an error.
     fn get(&self, key: &str, max: u64) -> impl Future<Output = Result<Bytes, StoreError>> + Send;
     /// The object's size, or `None` if it does not exist.
@@ -102,6 +112,9 @@ impl ObjectStore for AnyStore {
     }
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         dispatch!(self, s => s.get_range(key, offset, len).await)
+    }
+    async fn get_ranges(&self, ranges: Vec<(String, u64, u64)>) -> Result<Vec<Bytes>, StoreError> {
+        dispatch!(self, s => s.get_ranges(ranges).await)
     }
     async fn get(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
         dispatch!(self, s => s.get(key, max).await)

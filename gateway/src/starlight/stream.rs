@@ -57,8 +57,9 @@ struct PatchStep {
     loc: ContentLocation,
     base: Digest,
     base_loc: ContentLocation,
-    /// Size of the patch in the store once known (0: it does not pay, the frames go).
+    /// Size of the patch in the store once known (0: it does not pay, the frames go), and its key.
     stored: Option<u64>,
+    key: String,
 }
 
 /// Consecutive small contents that may go as one batch, else as their stored frames.
@@ -67,8 +68,9 @@ struct BatchStep {
     first: u64,
     items: Vec<(Digest, ContentLocation)>,
     size: u64,
-    /// Size of the batch in the store once known (0: it does not pay, the frames go).
+    /// Size of the batch in the store once known (0: it does not pay, the frames go), and its key.
     stored: Option<u64>,
+    key: String,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,124 @@ impl Step {
             Step::Read(r) => r.len,
             Step::Patch(p) => stored_len(&p.loc),
             Step::Batch(b) => b.items.iter().map(|(_, l)| stored_len(l)).sum(),
+        }
+    }
+}
+
+impl Step {
+    /// The ranges this step reads, when nothing has to be made first.
+    fn ranges(&self) -> Option<Vec<(String, u64, u64)>> {
+        match self {
+            Step::Read(r) => Some(vec![(r.key.clone(), r.offset, r.len)]),
+            Step::Batch(b) => match b.stored? {
+                0 => Some(frame_ranges(b.items.iter().map(|(_, l)| l))),
+                n => Some(vec![(b.key.clone(), 0, n)]),
+            },
+            Step::Patch(p) => match p.stored? {
+                0 => Some(frame_ranges(std::iter::once(&p.loc))),
+                n => Some(vec![(p.key.clone(), 0, n)]),
+            },
+        }
+    }
+
+    /// The records of this step from the data of its [`Step::ranges`], in order.
+    fn pieces(&self, data: &mut impl Iterator<Item = Bytes>, metrics: &crate::layers::Metrics) -> Pieces {
+        let mut out = Vec::new();
+        let frames_of =
+            |index: u64, loc: &ContentLocation, out: &mut Pieces, data: &mut dyn Iterator<Item = Bytes>| {
+                for (at, f) in offsets(loc) {
+                    out.push(Bytes::from(chunk_prefix(index, at, f.clen as usize)));
+                    out.push(data.next().unwrap_or_default());
+                }
+            };
+        match self {
+            Step::Read(r) => {
+                let d = data.next().unwrap_or_default();
+                for &(index, at, start, clen) in &r.frames {
+                    out.push(Bytes::from(chunk_prefix(index, at, clen as usize)));
+                    out.push(d.slice(start as usize..(start + clen) as usize));
+                }
+            }
+            Step::Batch(b) if b.stored == Some(0) => {
+                for (k, (_, l)) in b.items.iter().enumerate() {
+                    frames_of(b.first + k as u64, l, &mut out, data);
+                }
+            }
+            Step::Batch(b) => {
+                let d = data.next().unwrap_or_default();
+                metrics.bundle_batches.inc();
+                out.push(Bytes::from(batch_prefix(b.first, b.items.len() as u64, d.len())));
+                out.push(d);
+            }
+            Step::Patch(p) if p.stored == Some(0) => frames_of(p.index, &p.loc, &mut out, data),
+            Step::Patch(p) => {
+                let d = data.next().unwrap_or_default();
+                metrics.bundle_patches.inc();
+                out.push(Bytes::from(patch_prefix(p.index, &p.base, d.len())));
+                out.push(d);
+            }
+        }
+        out
+    }
+}
+
+/// The ranges of the stored frames of `locs`, in order.
+fn frame_ranges<'a>(locs: impl Iterator<Item = &'a ContentLocation>) -> Vec<(String, u64, u64)> {
+    locs.flat_map(|l| {
+        let key = blob_key(&l.blob);
+        l.frames.iter().map(move |f| (key.clone(), f.offset, u64::from(f.clen)))
+    })
+    .collect()
+}
+
+/// Steps whose ranges are known are read together, up to this many bytes per store call.
+const GROUP_MAX: u64 = 2 << 20;
+
+/// Consecutive steps run as one unit: known ranges read in one store call, or one step that may
+/// have to make its batch or patch first.
+fn units(steps: &[Step]) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut bytes = 0;
+    let mut open = false;
+    for (i, s) in steps.iter().enumerate() {
+        let known = s.ranges().is_some();
+        let len = s.budget();
+        match out.last_mut() {
+            Some(u) if known && open && bytes + len <= GROUP_MAX => {
+                u.end = i + 1;
+                bytes += len;
+            }
+            _ => {
+                out.push(i..i + 1);
+                bytes = len;
+                open = known;
+            }
+        }
+    }
+    out
+}
+
+async fn run_unit(store: &AnyStore, rc: &Recompressor, steps: &[Step]) -> Result<Pieces, BoxError> {
+    let ranges: Option<Vec<Vec<(String, u64, u64)>>> = steps.iter().map(Step::ranges).collect();
+    match ranges {
+        Some(ranges) => {
+            let all: Vec<(String, u64, u64)> = ranges.into_iter().flatten().collect();
+            let data = store.get_ranges(all).await.inspect_err(|e| {
+                warn!(error = %e, "bundle read failed; cutting the stream");
+            })?;
+            let mut data = data.into_iter();
+            Ok(steps.iter().flat_map(|s| s.pieces(&mut data, &rc.metrics)).collect())
+        }
+        None => {
+            let mut out = Vec::new();
+            for s in steps {
+                out.extend(match s {
+                    Step::Read(r) => read_step(store, r).await?,
+                    Step::Patch(p) => patch_step(store, rc, p).await?,
+                    Step::Batch(b) => batch_step(store, rc, b).await?,
+                });
+            }
+            Ok(out)
         }
     }
 }
@@ -134,13 +254,20 @@ impl Plan {
     /// Looks up the batches and patches the store already holds (made at `level`), so that the
     /// exact length is known and the body reads them without asking again.
     pub async fn resolve(&mut self, store: &AnyStore, level: i32) {
+        for step in &mut self.steps {
+            match step {
+                Step::Read(_) => {}
+                Step::Batch(b) => b.key = batch_key(level, &b.items),
+                Step::Patch(p) => p.key = patch_key(&p.base, &p.content),
+            }
+        }
         let keys: Vec<Option<String>> = self
             .steps
             .iter()
             .map(|s| match s {
                 Step::Read(_) => None,
-                Step::Batch(b) => Some(batch_key(level, &b.items)),
-                Step::Patch(p) => Some(patch_key(&p.base, &p.content)),
+                Step::Batch(b) => Some(b.key.clone()),
+                Step::Patch(p) => Some(p.key.clone()),
             })
             .collect();
         let sizes: Vec<Option<u64>> = futures::stream::iter(keys)
@@ -224,6 +351,7 @@ fn plan(contents: Vec<Send>) -> (Vec<Step>, u64) {
                 base,
                 base_loc,
                 stored: None,
+                key: String::new(),
             }));
             continue;
         }
@@ -231,7 +359,13 @@ fn plan(contents: Vec<Send>) -> (Vec<Step>, u64) {
             let joins = matches!(steps.last(), Some(Step::Batch(b))
                 if b.size + c.loc.size <= MAX_BATCH && (b.items.len() as u64) < MAX_BATCH_CONTENTS);
             if !joins {
-                steps.push(Step::Batch(BatchStep { first: i, items: Vec::new(), size: 0, stored: None }));
+                steps.push(Step::Batch(BatchStep {
+                    first: i,
+                    items: Vec::new(),
+                    size: 0,
+                    stored: None,
+                    key: String::new(),
+                }));
             }
             let Some(Step::Batch(b)) = steps.last_mut() else { unreachable!() };
             b.size += c.loc.size;
@@ -520,28 +654,22 @@ impl BundleBody {
             if tx.send(Piece::Bytes(plan.header.clone(), None)).await.is_err() {
                 return;
             }
-            // Permits are taken in step order before a step starts, so a later step never holds
-            // budget an earlier one waits for.
-            let n = plan.steps.len();
+            // Permits are taken in order before a unit starts, so a later unit never holds budget
+            // an earlier one waits for.
+            let units = units(&plan.steps);
             let mut results = std::pin::pin!(
-                futures::stream::iter(0..n)
-                    .then(|i| {
-                        let (budget, len) = (budget.clone(), plan.steps[i].budget());
+                futures::stream::iter(units)
+                    .then(|u| {
+                        let budget = budget.clone();
+                        let len: u64 = plan.steps[u.clone()].iter().map(Step::budget).sum();
                         async move {
                             let units = (len.div_ceil(UNIT) as u32).clamp(1, budget_units);
-                            (i, budget.acquire_many_owned(units).await)
+                            (u, budget.acquire_many_owned(units).await)
                         }
                     })
-                    .map(|(i, permit)| {
+                    .map(|(u, permit)| {
                         let (store, plan, recompressor) = (store.clone(), plan.clone(), recompressor.clone());
-                        async move {
-                            let out = match &plan.steps[i] {
-                                Step::Read(r) => read_step(&store, r).await,
-                                Step::Patch(p) => patch_step(&store, &recompressor, p).await,
-                                Step::Batch(b) => batch_step(&store, &recompressor, b).await,
-                            };
-                            (out, permit)
-                        }
+                        async move { (run_unit(&store, &recompressor, &plan.steps[u]).await, permit) }
                     })
                     .buffered(STEPS_IN_FLIGHT)
             );
