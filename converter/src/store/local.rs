@@ -114,7 +114,6 @@ impl ObjectStore for LocalStore {
     }
 
     async fn get_ranges(&self, ranges: Vec<(String, u64, u64)>) -> Result<Vec<Bytes>, StoreError> {
-        use std::os::unix::fs::FileExt;
         let this = self.clone();
         blocking(move || {
             let mut out = Vec::with_capacity(ranges.len());
@@ -125,17 +124,11 @@ impl ObjectStore for LocalStore {
                     let f = File::open(&path).map_err(this.io(&key, &path))?;
                     open = Some((key.clone(), path, f));
                 }
-                let Some((_, path, f)) = open.as_ref() else { unreachable!() };
-                let mut buf = vec![0u8; len as usize];
-                let mut got = 0;
-                while got < buf.len() {
-                    match f.read_at(&mut buf[got..], offset + got as u64) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(this.io(&key, path)(e)),
-                    }
-                }
+                let Some((_, path, f)) = open.as_mut() else { unreachable!() };
+                // No zero-filling: read into spare capacity.
+                let mut buf = Vec::with_capacity(len as usize);
+                f.seek(SeekFrom::Start(offset)).map_err(this.io(&key, path))?;
+                let got = (&*f).take(len).read_to_end(&mut buf).map_err(this.io(&key, path))?;
                 if got as u64 != len {
                     return Err(StoreError::ShortRead { key, offset, want: len, got: got as u64 });
                 }
