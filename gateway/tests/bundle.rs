@@ -340,6 +340,12 @@ async fn push_notifications_convert_before_the_first_pull() {
         assert!(Instant::now() < deadline, "pushes not converted; registry log:\n{}", registry.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Each pushed image is also prepared: its start-up order is in the store before any pull.
+    let startup = dir.path().join("store/startup/sha256");
+    while std::fs::read_dir(&startup).map(|d| d.count()).unwrap_or(0) < 2 {
+        assert!(Instant::now() < deadline, "start-up orders not stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let b = fetch(&gw.url(), "corpus", "to=v2", None, None).await.unwrap();
     assert!(!b.contents.is_empty());
     assert_eq!(conversions(&gw).await, 2, "the first pull found v2 converted");
@@ -423,6 +429,10 @@ async fn a_debian_app_starts_with_its_program_its_loader_and_libraries() {
         );
     }
     assert!(first_etc < 40, "{:?}", &sent[..first_etc]);
+    // The order is kept in the store: no later bundle reads a program before its header.
+    let key = dir.path().join("store/startup/sha256").join(b.header.manifest_digest.hex());
+    let kept = starlight_gateway::starlight::order::decode_paths(&std::fs::read(&key).unwrap()).unwrap();
+    assert_eq!(kept[0], b"usr/bin/redis-check-rdb");
     assert_eq!(b.order, b.header.contents.iter().map(|c| c.digest).collect::<Vec<_>>());
     gw.stop().await;
 }

@@ -422,9 +422,40 @@ impl Starlight {
             .cloned()
     }
 
-    /// Paths the image starts with, found without traces; computed once per image and process.
+    /// Paths the image starts with, found without traces. Found once (reading the programs'
+    /// ELF headers) and kept in the store, so later bundles, in this process or another, read
+    /// no content before their header.
     async fn startup(&self, b: &Backends, p: &Prepared) -> Arc<Vec<Vec<u8>>> {
-        p.startup.get_or_init(|| async { Arc::new(self.find_startup(b, p).await) }).await.clone()
+        p.startup
+            .get_or_init(|| async {
+                let key = order::startup_key(&p.record.manifest_digest);
+                if let Ok(Some(_)) = b.store.size(&key).await
+                    && let Ok(data) = b.store.get(&key, 64 << 20).await
+                {
+                    match order::decode_paths(&data) {
+                        Ok(paths) => return Arc::new(paths),
+                        Err(e) => {
+                            warn!(%key, error = %e, "stored start-up order unreadable; finding it again")
+                        }
+                    }
+                }
+                let paths = self.find_startup(b, p).await;
+                if let Err(e) = b.store.put_bytes(&key, Bytes::from(order::encode_paths(&paths))).await {
+                    warn!(%key, error = %e, "start-up order not kept");
+                }
+                Arc::new(paths)
+            })
+            .await
+            .clone()
+    }
+
+    /// Prepares a freshly converted image for its first bundle: its flattened filesystem and its
+    /// start-up order (which reads its programs), so the first bundle reads no content before its
+    /// header.
+    async fn warm(&self, b: &Backends, record: starlight_format::ImageRecord) -> Result<(), GatewayError> {
+        let image = self.cache.prepare(&b.store, &b.index, record).await?;
+        self.startup(b, &image).await;
+        Ok(())
     }
 
     async fn find_startup(&self, b: &Backends, p: &Prepared) -> Vec<Vec<u8>> {

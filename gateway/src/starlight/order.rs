@@ -320,6 +320,36 @@ impl Ranks {
     }
 }
 
+/// Object-store key of an image's start-up paths found without traces.
+pub fn startup_key(image: &Digest) -> String {
+    format!("startup/sha256/{}", image.hex())
+}
+
+/// Encodes a list of paths (any bytes).
+pub fn encode_paths(paths: &[Vec<u8>]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.raw(&[b'S', 1]);
+    w.varint(paths.len() as u64);
+    for p in paths {
+        w.bytes(p);
+    }
+    w.buf
+}
+
+pub fn decode_paths(data: &[u8]) -> Result<Vec<Vec<u8>>, starlight_format::FormatError> {
+    let mut r = Reader::new(data);
+    if r.u8("record type")? != b'S' || r.u8("record version")? != 1 {
+        return Err(starlight_format::FormatError::BadMagic { what: "start-up paths" });
+    }
+    let n = r.varint_max(MAX_PROGRAMS as u64, "path count")?;
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        out.push(r.bytes(starlight_format::path::MAX_PATH, "path")?.to_vec());
+    }
+    r.finish()?;
+    Ok(out)
+}
+
 /// Object-store key of an image's merged traces.
 pub fn ranks_key(image: &Digest) -> String {
     format!("traces/sha256/{}", image.hex())
@@ -528,6 +558,14 @@ mod tests {
         let pinned: HashSet<Digest> = [d(20)].into();
         let got = group_small(order, small, &pinned, 100);
         assert_eq!(got, vec![d(20), d(1), d(2), d(10), d(3), d(4), d(11), d(5), d(6)]);
+    }
+
+    #[test]
+    fn path_lists_roundtrip() {
+        let paths = vec![b"usr/bin/x".to_vec(), vec![0xff, b'\n', b'a']];
+        assert_eq!(decode_paths(&encode_paths(&paths)).unwrap(), paths);
+        assert!(decode_paths(b"S\x02\x00").is_err());
+        assert!(decode_paths(&encode_paths(&paths)[..5]).is_err());
     }
 
     #[test]

@@ -152,7 +152,13 @@ async fn convert_pushed(sl: Arc<Starlight>, repo: String, digest: Digest) {
             }
         };
         match sl.converted(&b, &repo, child, &platform, auth.as_ref()).await {
-            Ok(r) => info!(%repo, image = %r.manifest_digest, %platform, "pushed image converted"),
+            Ok(r) => {
+                let image = r.manifest_digest;
+                info!(%repo, %image, %platform, "pushed image converted");
+                if let Err(e) = sl.warm(&b, r).await {
+                    warn!(%repo, %image, error = %e, "pushed image not prepared");
+                }
+            }
             Err(e) => warn!(%repo, %digest, %platform, error = %e, "pushed image conversion failed"),
         }
     }
