@@ -59,6 +59,18 @@ impl Redis {
         self.port
     }
 
+    /// Stops the server (SIGKILL to its PID); [`Redis::restart`] brings it back on the same port,
+    /// empty.
+    pub fn stop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.proc = redis_node(self._dir.path(), self.port, &[]);
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

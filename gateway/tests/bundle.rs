@@ -436,3 +436,52 @@ async fn a_debian_app_starts_with_its_program_its_loader_and_libraries() {
     assert_eq!(b.order, b.header.contents.iter().map(|c| c.digest).collect::<Vec<_>>());
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_bundles_get_503_the_pass_through_works_and_both_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    push_corpus(dir.path(), &registry, None);
+    let mut redis = Redis::start();
+    let backends = Backends {
+        store: AnyStore::Local(LocalStore::open(dir.path().join("store")).unwrap()),
+        index: AnyIndex::Redis(RedisIndex::single(&redis.url()).await.unwrap()),
+    };
+    let gw = gateway(&registry, dir.path(), backends).await;
+    fetch(&gw.url(), "corpus", "to=v1", None, None).await.unwrap();
+
+    redis.stop();
+    let manifest = common::http()
+        .get(format!("{}/v2/corpus/manifests/v1", gw.url()))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manifest.status(), 200, "the pass-through does not need Redis");
+    let started = Instant::now();
+    let refused = fetch(&gw.url(), "corpus", "to=v1", None, None).await.unwrap_err();
+    let took = started.elapsed();
+    eprintln!("bundle with Redis down answered {} in {took:?}", refused.status);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.body.contains("UNAVAILABLE") && refused.body.contains("storage unavailable"),
+        "{}",
+        refused.body
+    );
+    assert!(took < Duration::from_secs(5), "a down index must not hang bundles ({took:?})");
+
+    // Redis comes back empty: the image is converted again and served.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match fetch(&gw.url(), "corpus", "to=v1", None, None).await {
+            Ok(b) => {
+                assert!(!b.contents.is_empty());
+                break;
+            }
+            Err(r) => assert!(Instant::now() < deadline, "no recovery: {} {}", r.status, r.body),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
