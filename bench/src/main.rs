@@ -6,9 +6,12 @@
 //!   directly, and the gateway's peak memory under 100 concurrent downloads.
 //! - `bundle`: delta bundle sizes vs a plain pull, time to first byte as images grow, and
 //!   streaming throughput from the local store.
+//! - `load`: many workers pulling one unconverted image at once: one conversion, every tree
+//!   correct, time to first byte, gateway memory.
 
 mod bundle;
 mod gateway;
+mod load;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -83,6 +86,22 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "9,3,19")]
         levels: Vec<i32>,
     },
+    /// Many workers pull the same unconverted image at once.
+    Load {
+        /// The gateway binary (default: `starlight-gateway` next to this binary).
+        #[arg(long)]
+        gateway_bin: Option<PathBuf>,
+        /// OCI layout holding the image (scripts/debian-image.sh).
+        #[arg(long, default_value = "/var/tmp/starlight-images/oci")]
+        layout: PathBuf,
+        #[arg(long, default_value = "app")]
+        tag: String,
+        #[arg(long, default_value_t = 50)]
+        workers: usize,
+        /// A gateway configuration file (TOML) to run the gateway with.
+        #[arg(long)]
+        gateway_config: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +109,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Convert { layout, tag, rounds, level } => convert_bench(&layout, &tag, rounds, level),
         Cmd::Gateway { gateway_bin, blob_mib, rounds, clients } => {
             gateway::run(gateway_bin, blob_mib, rounds, clients)
+        }
+        Cmd::Load { gateway_bin, layout, tag, workers, gateway_config } => {
+            load::run(gateway_bin, &layout, &tag, workers, gateway_config.as_deref())
         }
         Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes, levels } => {
             bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes, &levels)

@@ -47,6 +47,8 @@ pub struct Config {
     pub cache_images: usize,
     /// Bytes of stored frames read ahead per bundle.
     pub bundle_read_ahead: u64,
+    /// Bytes read ahead for all bundles together: bounds the gateway's memory under load.
+    pub bundle_memory: u64,
     /// zstd level of batches (small files compressed together) and patches (an updated file sent
     /// as its difference from the version the worker holds); each is made once and kept in the
     /// store.
@@ -80,6 +82,7 @@ impl Default for Config {
             work_dir: None,
             cache_images: 64,
             bundle_read_ahead: 8 << 20,
+            bundle_memory: 128 << 20,
             recompress_level: 9,
             recompress_workers: 2,
             otlp_endpoint: None,
@@ -151,6 +154,9 @@ impl Config {
         }
         if !(1..=19).contains(&self.recompress_level) {
             return invalid("recompress_level", "must be a zstd level from 1 to 19");
+        }
+        if self.bundle_memory < self.bundle_read_ahead {
+            return invalid("bundle_memory", "must be at least bundle_read_ahead");
         }
         if self.bundle_read_ahead < (1 << 20) {
             return invalid("bundle_read_ahead", "must be at least 1 MiB (1048576)");

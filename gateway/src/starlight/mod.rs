@@ -88,6 +88,7 @@ pub struct Starlight {
     tmp_dir: std::path::PathBuf,
     read_ahead: u64,
     recompressor: stream::Recompressor,
+    shared_budget: stream::SharedBudget,
 }
 
 impl Starlight {
@@ -119,11 +120,12 @@ impl Starlight {
             convert_timeout: Config::secs(config.convert_timeout),
             tmp_dir: config.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             read_ahead: config.bundle_read_ahead,
-            recompressor: stream::Recompressor {
-                level: config.recompress_level,
-                slots: Arc::new(tokio::sync::Semaphore::new(config.recompress_workers.max(1))),
-                metrics: metrics.clone(),
-            },
+            recompressor: stream::Recompressor::new(
+                config.recompress_level,
+                config.recompress_workers,
+                metrics.clone(),
+            ),
+            shared_budget: stream::SharedBudget::new(config.bundle_memory),
         }
     }
 
@@ -285,8 +287,13 @@ impl Starlight {
         self.metrics.bundle_contents.inc_by(plan.contents);
         let (n, content_bytes) = (plan.contents, plan.content_bytes);
         let len = plan.len();
-        let body =
-            stream::BundleBody::start(plan, b.store.clone(), self.recompressor.clone(), self.read_ahead);
+        let body = stream::BundleBody::start(
+            plan,
+            b.store.clone(),
+            self.recompressor.clone(),
+            self.read_ahead,
+            self.shared_budget.clone(),
+        );
         let mut resp = Response::new(boxed(body));
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(BUNDLE_MEDIA_TYPE));

@@ -417,13 +417,82 @@ pub fn batch_key(level: i32, items: &[(Digest, ContentLocation)]) -> String {
     format!("batches/sha256/{}", h.finish().hex())
 }
 
-/// How batches and patches are made: the zstd level and how many may be made at once (each
-/// holds up to two contents of 32 MiB, or a batch of 4 MiB).
+type Making = futures::future::Shared<futures::future::BoxFuture<'static, Option<Bytes>>>;
+
+/// How batches and patches are made: the zstd level, how many may be made at once (each holds
+/// up to two contents of 32 MiB, or a batch of 4 MiB), and those being made, so that bundles
+/// asking for the same one at once wait for one making.
 #[derive(Clone, Debug)]
 pub struct Recompressor {
     pub level: i32,
     pub slots: Arc<Semaphore>,
     pub metrics: Arc<crate::layers::Metrics>,
+    pub making: Arc<std::sync::Mutex<std::collections::HashMap<String, Making>>>,
+}
+
+impl Recompressor {
+    pub fn new(level: i32, workers: usize, metrics: Arc<crate::layers::Metrics>) -> Recompressor {
+        Recompressor {
+            level,
+            slots: Arc::new(Semaphore::new(workers.max(1))),
+            metrics,
+            making: Arc::default(),
+        }
+    }
+
+    /// Runs `make` for `key`, or waits for the run already under way.
+    async fn once(
+        &self,
+        key: &str,
+        make: futures::future::BoxFuture<'static, Option<Bytes>>,
+    ) -> Option<Bytes> {
+        use futures::FutureExt;
+        let flight = {
+            let Ok(mut m) = self.making.lock() else { return None };
+            match m.get(key) {
+                Some(f) => f.clone(),
+                None => {
+                    let (making, k) = (self.making.clone(), key.to_string());
+                    let f = async move {
+                        let r = make.await;
+                        if let Ok(mut m) = making.lock() {
+                            m.remove(&k);
+                        }
+                        r
+                    }
+                    .boxed()
+                    .shared();
+                    m.insert(key.to_string(), f.clone());
+                    f
+                }
+            }
+        };
+        flight.await
+    }
+}
+
+/// A batch or patch in the store: `Some(Some(bytes))` found, `Some(None)` known not to pay (or
+/// not to be looked up: send the frames), `None` not made yet.
+async fn stored_object(store: &AnyStore, key: &str, known: Option<u64>, max: u64) -> Option<Option<Bytes>> {
+    let size = match known {
+        Some(n) => Ok(Some(n)),
+        None => store.size(key).await,
+    };
+    match size {
+        Ok(Some(0)) => Some(None),
+        Ok(Some(_)) => match store.get(key, max).await {
+            Ok(b) => Some(Some(b)),
+            Err(e) => {
+                warn!(%key, error = %e, "stored object unreadable; making it again");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            warn!(%key, error = %e, "lookup failed; sending frames");
+            Some(None)
+        }
+    }
 }
 
 /// What one step sends.
@@ -459,50 +528,45 @@ async fn frames_of(store: &AnyStore, index: u64, loc: &ContentLocation) -> Resul
 
 /// The patch for `p`: from the store if made before, else made now (and kept). `None` when a
 /// patch does not pay or cannot be made; the content then goes as its frames.
-async fn patch_of(store: &AnyStore, recompressor: &Recompressor, p: &PatchStep) -> Option<Bytes> {
+async fn patch_of(store: &AnyStore, rc: &Recompressor, p: &PatchStep) -> Option<Bytes> {
     let key = patch_key(&p.base, &p.content);
-    let size = match p.stored {
-        Some(n) => Ok(Some(n)),
-        None => store.size(&key).await,
-    };
-    match size {
-        Ok(Some(0)) => return None,
-        Ok(Some(_)) => match store.get(&key, MAX_PATCH_CONTENT + (1 << 20)).await {
-            Ok(b) => return Some(b),
-            Err(e) => warn!(%key, error = %e, "stored patch unreadable; making it again"),
-        },
-        Ok(None) => {}
-        Err(e) => {
-            warn!(%key, error = %e, "patch lookup failed; sending frames");
-            return None;
-        }
+    const MAX: u64 = MAX_PATCH_CONTENT + (1 << 20);
+    if let Some(found) = stored_object(store, &key, p.stored, MAX).await {
+        return found;
     }
-    let _slot = recompressor.slots.acquire().await.ok()?;
-    let base = read_content(store, &p.base, &p.base_loc).await;
-    let new = read_content(store, &p.content, &p.loc).await;
-    let (base, new) = match (base, new) {
-        (Ok(b), Ok(n)) => (b, n),
-        (Err(e), _) | (_, Err(e)) => {
-            warn!(%key, error = %e, "cannot read the contents to patch; sending frames");
-            return None;
+    let (store, slots, level, k) = (store.clone(), rc.slots.clone(), rc.level, key.clone());
+    let (base, base_loc, content, loc) = (p.base, p.base_loc.clone(), p.content, p.loc.clone());
+    let make = async move {
+        // Made meanwhile by another bundle, or another gateway?
+        if let Some(found) = stored_object(&store, &k, None, MAX).await {
+            return found;
         }
-    };
-    let level = recompressor.level;
-    let made = tokio::task::spawn_blocking(move || make_patch(&base, &new, level)).await.ok()?;
-    let patch = match made {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(%key, error = %e, "patch failed; sending frames");
-            return None;
+        let _slot = slots.acquire().await.ok()?;
+        let old = read_content(&store, &base, &base_loc).await;
+        let new = read_content(&store, &content, &loc).await;
+        let (old, new) = match (old, new) {
+            (Ok(b), Ok(n)) => (b, n),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(key = %k, error = %e, "cannot read the contents to patch; sending frames");
+                return None;
+            }
+        };
+        let patch = match tokio::task::spawn_blocking(move || make_patch(&old, &new, level)).await.ok()? {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(key = %k, error = %e, "patch failed; sending frames");
+                return None;
+            }
+        };
+        let worth = (patch.len() as u64) * 16 <= stored_len(&loc) * WORTH;
+        debug!(key = %k, patch = patch.len(), stored = stored_len(&loc), worth, "patch made");
+        let keep = if worth { Bytes::from(patch) } else { Bytes::new() };
+        if let Err(e) = store.put_bytes(&k, keep.clone()).await {
+            warn!(key = %k, error = %e, "patch not kept");
         }
+        worth.then_some(keep)
     };
-    let worth = (patch.len() as u64) * 16 <= stored_len(&p.loc) * WORTH;
-    debug!(%key, patch = patch.len(), stored = stored_len(&p.loc), worth, "patch made");
-    let keep = if worth { Bytes::from(patch) } else { Bytes::new() };
-    if let Err(e) = store.put_bytes(&key, keep.clone()).await {
-        warn!(%key, error = %e, "patch not kept");
-    }
-    worth.then_some(keep)
+    rc.once(&key, Box::pin(make)).await
 }
 
 async fn patch_step(
@@ -571,40 +635,36 @@ async fn batch_contents(store: &AnyStore, items: &[(Digest, ContentLocation)]) -
 /// batch does not pay or cannot be made.
 async fn batch_of(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Option<Bytes> {
     let key = batch_key(rc.level, &b.items);
-    let size = match b.stored {
-        Some(n) => Ok(Some(n)),
-        None => store.size(&key).await,
-    };
-    match size {
-        Ok(Some(0)) => return None,
-        Ok(Some(_)) => match store.get(&key, MAX_BATCH + (1 << 20)).await {
-            Ok(data) => return Some(data),
-            Err(e) => warn!(%key, error = %e, "stored batch unreadable; making it again"),
-        },
-        Ok(None) => {}
-        Err(e) => {
-            warn!(%key, error = %e, "batch lookup failed; sending frames");
-            return None;
-        }
+    const MAX: u64 = MAX_BATCH + (1 << 20);
+    if let Some(found) = stored_object(store, &key, b.stored, MAX).await {
+        return found;
     }
-    let _slot = rc.slots.acquire().await.ok()?;
-    let plain = match batch_contents(store, &b.items).await {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(%key, error = %e, "cannot read the contents to batch; sending frames");
-            return None;
+    let (store, slots, level, k, items) =
+        (store.clone(), rc.slots.clone(), rc.level, key.clone(), b.items.clone());
+    let make = async move {
+        if let Some(found) = stored_object(&store, &k, None, MAX).await {
+            return found;
         }
+        let _slot = slots.acquire().await.ok()?;
+        let plain = match batch_contents(&store, &items).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(key = %k, error = %e, "cannot read the contents to batch; sending frames");
+                return None;
+            }
+        };
+        let frame =
+            tokio::task::spawn_blocking(move || zstd::bulk::compress(&plain, level)).await.ok()?.ok()?;
+        let stored: u64 = items.iter().map(|(_, l)| stored_len(l)).sum();
+        let worth = (frame.len() as u64) * 16 <= stored * WORTH;
+        debug!(key = %k, batch = frame.len(), stored, contents = items.len(), worth, "batch made");
+        let keep = if worth { Bytes::from(frame) } else { Bytes::new() };
+        if let Err(e) = store.put_bytes(&k, keep.clone()).await {
+            warn!(key = %k, error = %e, "batch not kept");
+        }
+        worth.then_some(keep)
     };
-    let level = rc.level;
-    let frame = tokio::task::spawn_blocking(move || zstd::bulk::compress(&plain, level)).await.ok()?.ok()?;
-    let stored: u64 = b.items.iter().map(|(_, l)| stored_len(l)).sum();
-    let worth = (frame.len() as u64) * 16 <= stored * WORTH;
-    debug!(%key, batch = frame.len(), stored, contents = b.items.len(), worth, "batch made");
-    let keep = if worth { Bytes::from(frame) } else { Bytes::new() };
-    if let Err(e) = store.put_bytes(&key, keep.clone()).await {
-        warn!(%key, error = %e, "batch not kept");
-    }
-    worth.then_some(keep)
+    rc.once(&key, Box::pin(make)).await
 }
 
 async fn batch_step(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Result<Pieces, BoxError> {
@@ -620,10 +680,24 @@ async fn batch_step(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Resul
     Ok(out)
 }
 
-/// A piece of the body; the last one of a step carries the step's budget permit, the trailer
+/// Bytes read ahead for all bundles together (KiB permits).
+#[derive(Clone, Debug)]
+pub struct SharedBudget {
+    pub semaphore: Arc<Semaphore>,
+    pub units: u32,
+}
+
+impl SharedBudget {
+    pub fn new(bytes: u64) -> SharedBudget {
+        let units = (bytes / UNIT).clamp(1, u64::from(u32::MAX >> 3)) as u32;
+        SharedBudget { semaphore: Arc::new(Semaphore::new(units as usize)), units }
+    }
+}
+
+/// A piece of the body; the last one of a unit carries the unit's budget permits, the trailer
 /// says the stream is complete.
 enum Piece {
-    Bytes(Bytes, Option<OwnedSemaphorePermit>),
+    Bytes(Bytes, Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>),
     Trailer(Bytes),
     Failed(BoxError),
 }
@@ -645,9 +719,15 @@ impl std::fmt::Debug for Piece {
 impl BundleBody {
     /// Starts streaming `plan`. At most `read_ahead` bytes are read from the store ahead of what
     /// the client took.
-    pub fn start(plan: Arc<Plan>, store: AnyStore, recompressor: Recompressor, read_ahead: u64) -> Self {
+    pub fn start(
+        plan: Arc<Plan>,
+        store: AnyStore,
+        recompressor: Recompressor,
+        read_ahead: u64,
+        shared: SharedBudget,
+    ) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
-        let budget_units = (read_ahead / UNIT).clamp(1, u64::from(u32::MAX >> 3)) as u32;
+        let budget_units = (read_ahead / UNIT).clamp(1, u64::from(shared.units)) as u32;
         let budget = Arc::new(Semaphore::new(budget_units as usize));
         let remaining = plan.total;
         tokio::spawn(async move {
@@ -660,11 +740,15 @@ impl BundleBody {
             let mut results = std::pin::pin!(
                 futures::stream::iter(units)
                     .then(|u| {
-                        let budget = budget.clone();
+                        let (budget, shared) = (budget.clone(), shared.semaphore.clone());
                         let len: u64 = plan.steps[u.clone()].iter().map(Step::budget).sum();
                         async move {
                             let units = (len.div_ceil(UNIT) as u32).clamp(1, budget_units);
-                            (u, budget.acquire_many_owned(units).await)
+                            // This bundle's budget first, then the gateway's: a bundle waiting
+                            // for the shared budget holds only what its client has yet to take.
+                            let mine = budget.acquire_many_owned(units).await;
+                            let ours = shared.acquire_many_owned(units).await;
+                            (u, mine.and_then(|m| ours.map(|o| (m, o))))
                         }
                     })
                     .map(|(u, permit)| {
