@@ -116,10 +116,7 @@ pub fn run(
     sizes: &[usize],
     levels: &[i32],
 ) -> anyhow::Result<()> {
-    let bin = match bin {
-        Some(b) => b,
-        None => std::env::current_exe()?.with_file_name("starlight-gateway"),
-    };
+    let bin = crate::gateway::gateway_bin(bin)?;
     let work = tempfile::tempdir()?;
     let reg = Registry::start();
     for (tag, dest) in [("app", "v1"), ("app-v2", "v2")] {

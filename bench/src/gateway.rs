@@ -24,6 +24,14 @@ impl Drop for Gateway {
     }
 }
 
+/// The gateway binary: the one given, else `starlight-gateway` next to this binary.
+pub(crate) fn gateway_bin(bin: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match bin {
+        Some(b) => Ok(b),
+        None => Ok(std::env::current_exe()?.with_file_name("starlight-gateway")),
+    }
+}
+
 /// Starts the gateway binary in front of `upstream`, with `extra` arguments.
 pub(crate) fn start_gateway(bin: &PathBuf, upstream: &str, extra: &[&str]) -> anyhow::Result<Gateway> {
     let port = free_port();
@@ -164,10 +172,7 @@ pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 pub fn run(bin: Option<PathBuf>, blob_mib: u64, rounds: usize, clients: usize) -> anyhow::Result<()> {
-    let bin = match bin {
-        Some(b) => b,
-        None => std::env::current_exe()?.with_file_name("starlight-gateway"),
-    };
+    let bin = gateway_bin(bin)?;
     let rt = tokio::runtime::Runtime::new()?;
     let reg = Registry::start();
     let gw = start_gateway(&bin, &format!("http://{}", reg.addr()), &[])?;

@@ -75,10 +75,7 @@ pub fn run(
     workers: usize,
     config: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let bin = match bin {
-        Some(b) => b,
-        None => std::env::current_exe()?.with_file_name("starlight-gateway"),
-    };
+    let bin = crate::gateway::gateway_bin(bin)?;
     let work = tempfile::tempdir()?;
     let reg = Registry::start();
     skopeo_copy(

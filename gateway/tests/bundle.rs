@@ -10,26 +10,13 @@ use std::time::{Duration, Instant};
 use common::bundle::{fetch, fetch_with, materialize};
 use starlight_conformance::fstree::{Options, assert_same_tree};
 use starlight_conformance::images::skopeo_copy;
-use starlight_conformance::layout::{Layer, umoci_unpack, write_image};
+use starlight_conformance::layout::{Layer, noise, umoci_unpack, write_image};
 use starlight_conformance::servers::{Redis, Registry, S3Server};
 use starlight_converter::index::{AnyIndex, RedbIndex, RedisIndex};
 use starlight_converter::store::{AnyStore, LocalStore, S3Store};
 use starlight_format::Digest;
 use starlight_gateway::starlight::Backends;
 use tokio::net::TcpListener;
-
-/// Pseudo-random bytes (incompressible enough that large files span several stored frames).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// v1: three layers with every OCI edge case; v2: v1 plus a layer that changes a little.
 fn corpus(layout: &Path) {
@@ -40,7 +27,7 @@ fn corpus(layout: &Path) {
         .dir("bin", 0o755)
         .file_with("bin/tool", b"#!/bin/sh\necho tool v1\n", 0o755, 0, &[])
         .dir("data", 0o755)
-        .file("data/big", &noise(1, 9 << 20))
+        .file("data/big", &noise(9 << 20, 1))
         .file("data/empty", b"")
         .dir("opaque-me", 0o755)
         .file("opaque-me/old1", b"old one")
@@ -82,7 +69,7 @@ fn corpus(layout: &Path) {
         .dir("dup", 0o755)
         .file("dup/d", b"one content, many paths")
         .dir("data", 0o755)
-        .file("data/big2", &noise(2, 5 << 20))
+        .file("data/big2", &noise(5 << 20, 2))
         .finish();
     let l3 = Layer::new()
         .dir("linked", 0o755)
@@ -91,7 +78,7 @@ fn corpus(layout: &Path) {
         .file("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n")
         .dir("data", 0o700)
         .finish();
-    let mut big = noise(1, 9 << 20);
+    let mut big = noise(9 << 20, 1);
     big[5_000_000..5_000_016].copy_from_slice(b"patched in v2!!!");
     let l4 = Layer::new()
         .dir("data", 0o700)
@@ -100,7 +87,7 @@ fn corpus(layout: &Path) {
         .file_with("bin/tool", b"#!/bin/sh\necho tool v2\n", 0o755, 0, &[])
         .dir("new", 0o755)
         .file("new/copy", b"one content, many paths")
-        .file("new/thing", &noise(3, 100_000))
+        .file("new/thing", &noise(100_000, 3))
         .finish();
     write_image(layout, "v1", &[l1.clone(), l2.clone(), l3.clone()], &["/bin/tool"]);
     write_image(layout, "v2", &[l1, l2, l3, l4], &["/bin/tool"]);

@@ -108,18 +108,7 @@ fn mknod(p: &Path, kind: libc::mode_t, major: u32, minor: u32) {
     assert_eq!(rc, 0, "mknod {}", p.display());
 }
 
-/// Deterministic pseudo-random bytes (incompressible, unlike zeros).
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use starlight_conformance::layout::noise;
 
 /// Builds a tree with every kind of entry and attribute a layer can carry. `variant` changes a few
 /// file contents so that two trees share most but not all contents.

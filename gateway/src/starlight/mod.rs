@@ -40,8 +40,6 @@ use crate::proxy::Proxy;
 use image::Prepared;
 use query::BundleQuery;
 
-pub use convert::Upstream as ConvertUpstream;
-
 /// Media type of a bundle response.
 pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.starlight.bundle.v1";
 /// Largest request body of the bundle (held contents) and trace endpoints.
