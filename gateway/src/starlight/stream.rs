@@ -96,53 +96,77 @@ impl Step {
     fn ranges(&self) -> Option<Vec<(String, u64, u64)>> {
         match self {
             Step::Read(r) => Some(vec![(r.key.clone(), r.offset, r.len)]),
-            Step::Batch(b) => match b.stored? {
-                0 => Some(frame_ranges(b.items.iter().map(|(_, l)| l))),
-                n => Some(vec![(b.key.clone(), 0, n)]),
-            },
-            Step::Patch(p) => match p.stored? {
-                0 => Some(frame_ranges(std::iter::once(&p.loc))),
-                n => Some(vec![(p.key.clone(), 0, n)]),
-            },
+            Step::Batch(BatchStep { stored, key, .. }) | Step::Patch(PatchStep { stored, key, .. }) => {
+                match (*stored)? {
+                    0 => Some(self.frame_ranges()),
+                    n => Some(vec![(key.clone(), 0, n)]),
+                }
+            }
+        }
+    }
+
+    /// The ranges of the stored frames this step's contents go as when not as one object.
+    fn frame_ranges(&self) -> Vec<(String, u64, u64)> {
+        match self {
+            Step::Read(r) => vec![(r.key.clone(), r.offset, r.len)],
+            Step::Batch(b) => frame_ranges(b.items.iter().map(|(_, l)| l)),
+            Step::Patch(p) => frame_ranges(std::iter::once(&p.loc)),
         }
     }
 
     /// The records of this step from the data of its [`Step::ranges`], in order.
     fn pieces(&self, data: &mut impl Iterator<Item = Bytes>, metrics: &crate::layers::Metrics) -> Pieces {
+        let object = match self {
+            Step::Batch(BatchStep { stored: Some(n), .. })
+            | Step::Patch(PatchStep { stored: Some(n), .. })
+                if *n > 0 =>
+            {
+                data.next()
+            }
+            _ => None,
+        };
+        self.records(object, data, metrics)
+    }
+
+    /// The records of this step: as `object` (a batch or a patch) when there is one, else as the
+    /// stored frames in `data` (the data of [`Step::frame_ranges`]).
+    fn records(
+        &self,
+        object: Option<Bytes>,
+        data: &mut dyn Iterator<Item = Bytes>,
+        metrics: &crate::layers::Metrics,
+    ) -> Pieces {
         let mut out = Vec::new();
-        let frames_of =
-            |index: u64, loc: &ContentLocation, out: &mut Pieces, data: &mut dyn Iterator<Item = Bytes>| {
-                for (at, f) in offsets(loc) {
-                    out.push(Bytes::from(chunk_prefix(index, at, f.clen as usize)));
-                    out.push(data.next().unwrap_or_default());
-                }
-            };
-        match self {
-            Step::Read(r) => {
+        let mut chunks = |index: u64, loc: &ContentLocation, out: &mut Pieces| {
+            for (at, f) in offsets(loc) {
+                out.push(Bytes::from(chunk_prefix(index, at, f.clen as usize)));
+                out.push(data.next().unwrap_or_default());
+            }
+        };
+        match (self, object) {
+            (Step::Read(r), _) => {
                 let d = data.next().unwrap_or_default();
                 for &(index, at, start, clen) in &r.frames {
                     out.push(Bytes::from(chunk_prefix(index, at, clen as usize)));
                     out.push(d.slice(start as usize..(start + clen) as usize));
                 }
             }
-            Step::Batch(b) if b.stored == Some(0) => {
-                for (k, (_, l)) in b.items.iter().enumerate() {
-                    frames_of(b.first + k as u64, l, &mut out, data);
-                }
-            }
-            Step::Batch(b) => {
-                let d = data.next().unwrap_or_default();
+            (Step::Batch(b), Some(d)) => {
                 metrics.bundle_batches.inc();
                 out.push(Bytes::from(batch_prefix(b.first, b.items.len() as u64, d.len())));
                 out.push(d);
             }
-            Step::Patch(p) if p.stored == Some(0) => frames_of(p.index, &p.loc, &mut out, data),
-            Step::Patch(p) => {
-                let d = data.next().unwrap_or_default();
+            (Step::Batch(b), None) => {
+                for (k, (_, l)) in b.items.iter().enumerate() {
+                    chunks(b.first + k as u64, l, &mut out);
+                }
+            }
+            (Step::Patch(p), Some(d)) => {
                 metrics.bundle_patches.inc();
                 out.push(Bytes::from(patch_prefix(p.index, &p.base, d.len())));
                 out.push(d);
             }
+            (Step::Patch(p), None) => chunks(p.index, &p.loc, &mut out),
         }
         out
     }
@@ -196,13 +220,19 @@ async fn run_unit(store: &AnyStore, rc: &Recompressor, steps: &[Step]) -> Result
             Ok(steps.iter().flat_map(|s| s.pieces(&mut data, &rc.metrics)).collect())
         }
         None => {
+            // A batch or patch not known to exist: found or made first, else the frames go.
             let mut out = Vec::new();
             for s in steps {
-                out.extend(match s {
-                    Step::Read(r) => read_step(store, r).await?,
-                    Step::Patch(p) => patch_step(store, rc, p).await?,
-                    Step::Batch(b) => batch_step(store, rc, b).await?,
-                });
+                let object = match s {
+                    Step::Read(_) => None,
+                    Step::Batch(b) => batch_of(store, rc, b).await,
+                    Step::Patch(p) => patch_of(store, rc, p).await,
+                };
+                let frames = if object.is_none() { s.frame_ranges() } else { Vec::new() };
+                let data = store.get_ranges(frames).await.inspect_err(|e| {
+                    warn!(error = %e, "bundle read failed; cutting the stream");
+                })?;
+                out.extend(s.records(object, &mut data.into_iter(), &rc.metrics));
             }
             Ok(out)
         }
@@ -498,34 +528,6 @@ async fn stored_object(store: &AnyStore, key: &str, known: Option<u64>, max: u64
 /// What one step sends.
 type Pieces = Vec<Bytes>;
 
-async fn read_step(store: &AnyStore, r: &Read) -> Result<Pieces, BoxError> {
-    let data = store.get_range(&r.key, r.offset, r.len).await.inspect_err(|e| {
-        warn!(key = %r.key, offset = r.offset, error = %e, "bundle read failed; cutting the stream");
-    })?;
-    let mut out = Vec::with_capacity(r.frames.len() * 2);
-    for &(index, at, start, clen) in &r.frames {
-        out.push(Bytes::from(chunk_prefix(index, at, clen as usize)));
-        out.push(data.slice(start as usize..(start + clen) as usize));
-    }
-    Ok(out)
-}
-
-/// The stored frames of one content, as chunk records.
-async fn frames_of(store: &AnyStore, index: u64, loc: &ContentLocation) -> Result<Pieces, BoxError> {
-    let mut out = Vec::new();
-    let key = blob_key(&loc.blob);
-    for (at, f) in offsets(loc) {
-        let r = Read {
-            key: key.clone(),
-            offset: f.offset,
-            len: u64::from(f.clen),
-            frames: vec![(index, at, 0, u64::from(f.clen))],
-        };
-        out.extend(read_step(store, &r).await?);
-    }
-    Ok(out)
-}
-
 /// The patch for `p`: from the store if made before, else made now (and kept). `None` when a
 /// patch does not pay or cannot be made; the content then goes as its frames.
 async fn patch_of(store: &AnyStore, rc: &Recompressor, p: &PatchStep) -> Option<Bytes> {
@@ -567,20 +569,6 @@ async fn patch_of(store: &AnyStore, rc: &Recompressor, p: &PatchStep) -> Option<
         worth.then_some(keep)
     };
     rc.once(&key, Box::pin(make)).await
-}
-
-async fn patch_step(
-    store: &AnyStore,
-    recompressor: &Recompressor,
-    p: &PatchStep,
-) -> Result<Pieces, BoxError> {
-    match patch_of(store, recompressor, p).await {
-        Some(patch) => {
-            recompressor.metrics.bundle_patches.inc();
-            Ok(vec![Bytes::from(patch_prefix(p.index, &p.base, patch.len())), patch])
-        }
-        None => frames_of(store, p.index, &p.loc).await,
-    }
 }
 
 /// The contents of a batch, read with coalesced range reads and verified.
@@ -665,19 +653,6 @@ async fn batch_of(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Option<
         worth.then_some(keep)
     };
     rc.once(&key, Box::pin(make)).await
-}
-
-async fn batch_step(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Result<Pieces, BoxError> {
-    if let Some(frame) = batch_of(store, rc, b).await {
-        let count = b.items.len() as u64;
-        rc.metrics.bundle_batches.inc();
-        return Ok(vec![Bytes::from(batch_prefix(b.first, count, frame.len())), frame]);
-    }
-    let mut out = Vec::new();
-    for (k, (_, loc)) in b.items.iter().enumerate() {
-        out.extend(frames_of(store, b.first + k as u64, loc).await?);
-    }
-    Ok(out)
 }
 
 /// Bytes read ahead for all bundles together (KiB permits).
