@@ -213,3 +213,78 @@ pub fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) {
         .unwrap_or_else(|e| panic!("umoci (apt-get install -y umoci): {e}"));
     assert!(out.status.success(), "umoci unpack: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The edge-case corpus, tags `v1` and `v2`. v1: three layers with every OCI edge case; v2: v1 plus a layer that changes a little.
+pub fn corpus(layout: &Path) {
+    let l1 = Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        .file("etc/hosts", b"127.0.0.1 localhost\n")
+        .dir("bin", 0o755)
+        .file_with("bin/tool", b"#!/bin/sh\necho tool v1\n", 0o755, 0, &[])
+        .dir("data", 0o755)
+        .file("data/big", &noise(9 << 20, 1))
+        .file("data/empty", b"")
+        .dir("opaque-me", 0o755)
+        .file("opaque-me/old1", b"old one")
+        .dir("opaque-me/sub", 0o750)
+        .file("opaque-me/sub/old2", b"old two")
+        .dir("dir-then-file", 0o755)
+        .file("dir-then-file/inner", b"inside a directory that becomes a file")
+        .file("file-then-dir", b"a file that becomes a directory")
+        .symlink("replaced-link", "etc/passwd")
+        .dir("linked", 0o755)
+        .file("linked/original", b"shared by hard links across layers")
+        .hardlink("linked/alias", "linked/original")
+        .file_with(
+            "xattrs",
+            b"with attributes",
+            0o640,
+            0,
+            &[("user.starlight", b"yes"), ("user.bin", &[0, 1, 2, 255])],
+        )
+        .file_with("owned", b"owned by 1000", 0o600, 1000, &[])
+        .file_with("setuid", b"setuid program", 0o4755, 0, &[])
+        .dir("dup", 0o755)
+        .file("dup/a", b"one content, many paths")
+        .file("dup/b", b"one content, many paths")
+        .file("dup/c", b"one content, many paths")
+        .file("to-delete", b"deleted in layer 2")
+        .finish();
+    let l2 = Layer::new()
+        .whiteout("to-delete")
+        .dir("opaque-me", 0o755)
+        .opaque("opaque-me")
+        .file("opaque-me/new", b"after the opaque marker")
+        .file("dir-then-file", b"a file where a directory was")
+        .dir("file-then-dir", 0o711)
+        .file("file-then-dir/child", b"a child where a file was")
+        .symlink("replaced-link", "bin/tool")
+        .dir("linked", 0o755)
+        .hardlink("linked/cross", "linked/original")
+        .dir("dup", 0o755)
+        .file("dup/d", b"one content, many paths")
+        .dir("data", 0o755)
+        .file("data/big2", &noise(5 << 20, 2))
+        .finish();
+    let l3 = Layer::new()
+        .dir("linked", 0o755)
+        .whiteout("linked/original")
+        .dir("etc", 0o755)
+        .file("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n")
+        .dir("data", 0o700)
+        .finish();
+    let mut big = noise(9 << 20, 1);
+    big[5_000_000..5_000_016].copy_from_slice(b"patched in v2!!!");
+    let l4 = Layer::new()
+        .dir("data", 0o700)
+        .file("data/big", &big)
+        .dir("bin", 0o755)
+        .file_with("bin/tool", b"#!/bin/sh\necho tool v2\n", 0o755, 0, &[])
+        .dir("new", 0o755)
+        .file("new/copy", b"one content, many paths")
+        .file("new/thing", &noise(100_000, 3))
+        .finish();
+    write_image(layout, "v1", &[l1.clone(), l2.clone(), l3.clone()], &["/bin/tool"]);
+    write_image(layout, "v2", &[l1, l2, l3, l4], &["/bin/tool"]);
+}

@@ -8,6 +8,7 @@
 //! - [`images`]: real Debian-based test images (debootstrap + apt), built once and cached.
 //! - [`layout`]: synthetic images, layer by layer, written as OCI layouts (every OCI edge case).
 //! - [`fstree`]: tree snapshots and differences, attribute for attribute.
+//! - [`throttle`]: a loopback TCP proxy that slows a link down or cuts it.
 //! - [`oci`]: the OCI distribution-spec conformance workflows ([`oci::run`] → [`oci::Report`]).
 
 pub mod fstree;
@@ -15,3 +16,4 @@ pub mod images;
 pub mod layout;
 pub mod oci;
 pub mod servers;
+pub mod throttle;

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use starlight_converter::content::read_content;
 use starlight_converter::layer::Options;
@@ -150,6 +151,12 @@ impl Starlight {
         match (rest, req.method()) {
             ("bundle", &Method::GET | &Method::POST) => self.bundle(name, req).await,
             ("traces", &Method::POST) => self.traces(name, req).await,
+            (r, &Method::GET) if r.starts_with("content/") => {
+                let digest = r["content/".len()..].parse::<Digest>().map_err(|e| {
+                    GatewayError::BadRequest(format!("_starlight/{r}: not a content digest: {e}"))
+                })?;
+                self.content(name, digest, req).await
+            }
             ("bundle" | "traces", m) => {
                 Err(GatewayError::BadRequest(format!("method {m} is not allowed on _starlight/{rest}")))
             }
@@ -309,6 +316,57 @@ impl Starlight {
                 h.insert(k, v);
             }
         }
+        Ok(resp)
+    }
+
+    /// One content of an image, out of band: the stored zstd frames, concatenated (one zstd
+    /// stream). A worker asks for it when a program reads a file far down its bundle.
+    async fn content(
+        self: Arc<Self>,
+        name: &str,
+        content: Digest,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let q = BundleQuery::parse(req.uri().query().unwrap_or(""))?;
+        if !q.have.is_empty() {
+            return Err(GatewayError::BadRequest("_starlight/content takes no `have`".into()));
+        }
+        let auth = req.headers().get(header::AUTHORIZATION).cloned();
+        let platform = q.platform.clone().unwrap_or_else(Platform::host);
+        let digest = match self.resolve(name, &q.to, &platform, auth.as_ref()).await? {
+            Ok(d) => d,
+            Err(refusal) => return Ok(refusal),
+        };
+        let b = self.backends().await?;
+        let record = self.converted(&b, name, digest, &platform, auth.as_ref()).await?;
+        let image = self.cache.prepare(&b.store, &b.index, record).await?;
+        // Only a content of this image: the caller's right to pull it is its right to the content.
+        if !image.sizes.contains_key(&content) {
+            return Err(GatewayError::BadRequest(format!(
+                "image {digest} of {name} has no content {content}"
+            )));
+        }
+        let locs = self.locations(&b, &image).await?;
+        let loc = locs.get(&content).cloned().ok_or_else(|| {
+            GatewayError::Internal(format!("content {content} of image {digest} is not in the index"))
+        })?;
+        let key = starlight_format::blob_key(&loc.blob);
+        let size = loc.size;
+        let store = b.store.clone();
+        let frames = futures::stream::iter(loc.frames).then(move |f| {
+            let (store, key) = (store.clone(), key.clone());
+            async move {
+                store
+                    .get_range(&key, f.offset, f.clen as u64)
+                    .await
+                    .map(http_body::Frame::data)
+                    .map_err(|e| crate::body::BoxError::from(e.to_string()))
+            }
+        });
+        let mut resp = Response::new(boxed(http_body_util::StreamBody::new(frames)));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
+        h.insert("starlight-content-size", HeaderValue::from(size));
         Ok(resp)
     }
 

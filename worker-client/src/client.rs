@@ -1,0 +1,172 @@
+//! The gateway's Starlight endpoints, as the worker calls them.
+
+use std::time::Duration;
+
+use starlight_format::Digest;
+
+use crate::store::Reference;
+
+/// A failed call to the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url}: the gateway answered {status}: {message}")]
+    Refused { url: String, status: u16, message: String },
+}
+
+/// Where the gateway is and who the worker is to it.
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    base: String,
+    /// `user:password` for HTTP Basic, passed on to the registry's checks.
+    credentials: Option<(String, String)>,
+    http: reqwest::Client,
+}
+
+/// Sent and ignored `have` images, as the gateway counted them.
+#[derive(Clone, Debug, Default)]
+pub struct BundleInfo {
+    pub image: Option<Digest>,
+    pub contents: Option<u64>,
+    pub content_bytes: Option<u64>,
+    pub length: Option<u64>,
+}
+
+impl Gateway {
+    /// `base` is the gateway's URL (`http://host:port`); `credentials` is `user:password`.
+    pub fn new(base: &str, credentials: Option<&str>) -> Result<Gateway, String> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(format!("gateway {base:?}: not an http:// or https:// URL"));
+        }
+        let credentials = match credentials {
+            Some(c) => {
+                let (u, p) = c.split_once(':').ok_or("credentials must be USER:PASSWORD")?;
+                Some((u.to_string(), p.to_string()))
+            }
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // A stalled stream is an error, not a hang.
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(Gateway { base, credentials, http })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.credentials {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        }
+    }
+
+    async fn send(
+        &self,
+        url: String,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp =
+            self.auth(req).send().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        // OCI error bodies carry the reason; show it rather than the JSON.
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let e = v.get("errors")?.get(0)?.clone();
+                Some(format!(
+                    "{} {}",
+                    e.get("code").and_then(|c| c.as_str()).unwrap_or(""),
+                    e.get("message").and_then(|c| c.as_str()).unwrap_or("")
+                ))
+            })
+            .unwrap_or_else(|| body.chars().take(500).collect());
+        Err(ClientError::Refused { url, status, message })
+    }
+
+    /// Asks for the bundle of `image`, without the contents of `have` images and the `held`
+    /// contents.
+    pub async fn bundle(
+        &self,
+        image: &Reference,
+        have: &[String],
+        held: &[Digest],
+        platform: Option<&str>,
+    ) -> Result<(reqwest::Response, BundleInfo), ClientError> {
+        let mut url = format!("{}/v2/{}/_starlight/bundle?to={}", self.base, image.name, image.reference);
+        for h in have {
+            url.push_str("&have=");
+            url.push_str(h);
+        }
+        if let Some(p) = platform {
+            url.push_str("&platform=");
+            url.push_str(p);
+        }
+        let req = if held.is_empty() {
+            self.http.get(&url)
+        } else {
+            let body: String = held.iter().map(|d| format!("{d}\n")).collect();
+            self.http.post(&url).body(body)
+        };
+        let resp = self.send(url, req).await?;
+        let h = resp.headers();
+        let num = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let info = BundleInfo {
+            image: h.get("starlight-image").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()),
+            contents: num("starlight-contents"),
+            content_bytes: num("starlight-content-bytes"),
+            length: resp.content_length(),
+        };
+        Ok((resp, info))
+    }
+
+    /// One content of `image`, out of band: a zstd stream of its bytes.
+    pub async fn content(
+        &self,
+        image: &Reference,
+        content: &Digest,
+        platform: Option<&str>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut url =
+            format!("{}/v2/{}/_starlight/content/{content}?to={}", self.base, image.name, image.reference);
+        if let Some(p) = platform {
+            url.push_str("&platform=");
+            url.push_str(p);
+        }
+        let req = self.http.get(&url);
+        self.send(url, req).await
+    }
+
+    /// Sends a start-up trace (paths in first-use order) of image `digest` in `name`.
+    pub async fn upload_trace(
+        &self,
+        name: &str,
+        digest: &Digest,
+        paths: &[Vec<u8>],
+    ) -> Result<serde_json::Value, ClientError> {
+        let url = format!("{}/v2/{name}/_starlight/traces?image={digest}", self.base);
+        let mut body = Vec::new();
+        for p in paths {
+            body.push(b'/');
+            body.extend_from_slice(p);
+            body.push(b'\n');
+        }
+        let req = self.http.post(&url).body(body);
+        let resp = self.send(url.clone(), req).await?;
+        resp.json().await.map_err(|source| ClientError::Http { url, source })
+    }
+}

@@ -1,0 +1,21 @@
+//! The Starlight worker: pulls images through the gateway's delta bundles into a
+//! content-addressed store, exports them, and serves them through FUSE while they arrive.
+//!
+//! - [`store::Store`]: the content-addressed store (contents, image records, resume state).
+//! - [`pull::pull`]: one bundle request, verified and written into the store; resumable.
+//! - [`export::export`]: an image's root filesystem written into a directory.
+//! - [`mount::mount`]: a read-only FUSE mount served from the bundle header on.
+//! - [`trace`]: start-up traces recorded by the mount, sent to the gateway.
+
+pub mod client;
+pub mod export;
+pub mod fs;
+pub mod mount;
+pub mod pull;
+pub mod store;
+pub mod trace;
+
+pub use client::Gateway;
+pub use mount::{MountOptions, Mounted, mount};
+pub use pull::{PullOptions, Report, pull};
+pub use store::{Reference, Store};
