@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(docker-registry redis-server redis-tools skopeo umoci debootstrap apache2-utils containerd runc
-          tar gzip attr curl python3-venv ca-certificates)
+          tar gzip attr curl python3-venv ca-certificates fuse3 util-linux coreutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,3 +31,5 @@ fi
 ln -sf /opt/starlight-venv/bin/weed /usr/local/bin/weed
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+# The worker's FUSE filesystem needs the kernel module (built in on most kernels).
+[ -e /dev/fuse ] || modprobe fuse || { echo "no /dev/fuse and modprobe fuse failed" >&2; exit 1; }

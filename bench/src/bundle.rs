@@ -21,7 +21,7 @@ fn layer_sizes(layout: &Path, tag: &str) -> anyhow::Result<Vec<(String, u64)>> {
 }
 
 /// Deterministic bytes: distinct per seed, compressible like text when `text`, else noise.
-fn bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
+pub(crate) fn bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len);
     while out.len() < len {

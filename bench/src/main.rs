@@ -12,6 +12,7 @@
 mod bundle;
 mod gateway;
 mod load;
+mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,6 +87,23 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "9,3,19")]
         levels: Vec<i32>,
     },
+    /// The worker: apply throughput and memory of `starlight-pull`, FUSE vs local disk.
+    Worker {
+        /// The gateway binary (default: `starlight-gateway` next to this binary).
+        #[arg(long)]
+        gateway_bin: Option<PathBuf>,
+        /// The worker binary (default: `starlight-pull` next to this binary).
+        #[arg(long)]
+        pull_bin: Option<PathBuf>,
+        /// OCI layout with the Debian image `app` (scripts/debian-image.sh).
+        #[arg(long, default_value = "/var/tmp/starlight-images/oci")]
+        layout: PathBuf,
+        /// Size of the synthetic image, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Many workers pull the same unconverted image at once.
     Load {
         /// The gateway binary (default: `starlight-gateway` next to this binary).
@@ -112,6 +130,9 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Load { gateway_bin, layout, tag, workers, gateway_config } => {
             load::run(gateway_bin, &layout, &tag, workers, gateway_config.as_deref())
+        }
+        Cmd::Worker { gateway_bin, pull_bin, layout, mib, rounds } => {
+            worker::run(gateway_bin, pull_bin, &layout, mib, rounds)
         }
         Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes, levels } => {
             bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes, &levels)

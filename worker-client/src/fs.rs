@@ -15,14 +15,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use starlight_format::bundle::Header;
 use starlight_format::{Digest, Kind};
 
 /// How long the kernel may cache answers: the image never changes.
 const TTL: Duration = Duration::from_secs(3600);
+
+/// Store files kept open for reads.
+const MAX_OPEN_FILES: usize = 256;
 
 /// One inode.
 #[derive(Debug)]
@@ -213,6 +216,8 @@ struct State {
     failed: Option<String>,
     /// Contents that have arrived, to tell how far down the stream a content is.
     arrived: u64,
+    /// Open store files of recently read contents.
+    files: HashMap<Digest, Arc<File>>,
     closed: bool,
 }
 
@@ -319,19 +324,25 @@ impl Contents {
         waiting.into_values().flatten().for_each(|w| w.reply.error(Errno::EIO));
     }
 
-    fn path(&self, d: &Digest) -> Option<PathBuf> {
-        self.state.lock().unwrap().ready.get(d).cloned()
-    }
-
     /// Serves a read of `d` now, or parks it until `d` arrives.
     fn read(&self, d: Digest, offset: u64, size: u32, reply: ReplyData) {
         let mut s = self.state.lock().unwrap();
+        if let Some(f) = s.files.get(&d).cloned() {
+            drop(s);
+            return answer(&f, offset, size, reply);
+        }
         if let Some(p) = s.ready.get(&d).cloned() {
             drop(s);
-            match File::open(p) {
-                Ok(f) => answer(&f, offset, size, reply),
-                Err(_) => reply.error(Errno::EIO),
+            let f = match File::open(p) {
+                Ok(f) => Arc::new(f),
+                Err(_) => return reply.error(Errno::EIO),
+            };
+            answer(&f, offset, size, reply);
+            let mut s = self.state.lock().unwrap();
+            if s.files.len() >= MAX_OPEN_FILES {
+                s.files.clear();
             }
+            s.files.insert(d, f);
             return;
         }
         if s.failed.is_some() || s.closed {
@@ -431,7 +442,6 @@ pub struct ImageFs {
     tree: Arc<Tree>,
     contents: Arc<Contents>,
     trace: Arc<Trace>,
-    handles: Mutex<(u64, HashMap<u64, Arc<File>>)>,
 }
 
 impl std::fmt::Debug for ImageFs {
@@ -442,11 +452,18 @@ impl std::fmt::Debug for ImageFs {
 
 impl ImageFs {
     pub fn new(tree: Arc<Tree>, contents: Arc<Contents>, trace: Arc<Trace>) -> ImageFs {
-        ImageFs { tree, contents, trace, handles: Mutex::new((1, HashMap::new())) }
+        ImageFs { tree, contents, trace }
     }
 }
 
 impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Directory listings carry attributes (no lookup per entry), and large read-ahead.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(p) = self.tree.node(parent) else { return reply.error(Errno::ENOENT) };
         match p.children.binary_search_by(|(n, _)| n.as_slice().cmp(name.as_bytes())) {
@@ -470,32 +487,22 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let Some(n) = self.tree.node(ino) else { return reply.error(Errno::ENOENT) };
-        if flags.0 & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC) != 0 {
-            return reply.error(Errno::EROFS);
-        }
-        self.trace.record(ino.0, &n.path);
-        // An open handle keeps the content's file, once it is there.
-        let file = n.digest.and_then(|d| self.contents.path(&d)).and_then(|p| File::open(p).ok());
-        let fh = match file {
-            Some(f) => {
-                let mut h = self.handles.lock().unwrap();
-                let id = h.0;
-                h.0 += 1;
-                h.1.insert(id, Arc::new(f));
-                id
-            }
-            None => 0,
-        };
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    /// No open (nor release): the kernel then opens without asking (FUSE_NO_OPEN_SUPPORT) and
+    /// keeps the page cache, which saves two round trips per file. The mount is read-only, so
+    /// the kernel refuses writes itself; first use is recorded at the first read.
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -507,26 +514,9 @@ impl Filesystem for ImageFs {
         if offset >= n.size {
             return reply.data(&[]);
         }
+        self.trace.record(ino.0, &n.path);
         let size = size.min((n.size - offset).min(u32::MAX as u64) as u32);
-        let file = self.handles.lock().unwrap().1.get(&fh.0).cloned();
-        match file {
-            Some(f) => answer(&f, offset, size, reply),
-            None => self.contents.read(d, offset, size, reply),
-        }
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        _flush: bool,
-        reply: fuser::ReplyEmpty,
-    ) {
-        self.handles.lock().unwrap().1.remove(&fh.0);
-        reply.ok();
+        self.contents.read(d, offset, size, reply);
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
@@ -552,6 +542,47 @@ impl Filesystem for ImageFs {
             i += 1;
         }
         reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let Some(n) = self.tree.node(ino) else { return reply.error(Errno::ENOENT) };
+        let mut i = offset as usize;
+        loop {
+            let (name, child): (&[u8], u64) = match i {
+                0 => (b".", ino.0),
+                1 => (b"..", n.parent),
+                _ => match n.children.get(i - 2) {
+                    Some((name, child)) => (name, *child),
+                    None => break,
+                },
+            };
+            let attr = self.tree.attr(child);
+            if reply.add(INodeNo(child), i as u64 + 1, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    /// Nothing to flush on a read-only filesystem: ENOSYS tells the kernel to stop asking at
+    /// every close.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

@@ -178,7 +178,12 @@ impl<'a> Applier<'a> {
                     };
                     drop(f);
                     let path = self.store.commit(&tmp, &digest).map_err(|e| BundleOrPull::Pull(e.into()))?;
-                    self.done(&digest, &path);
+                    let size = self
+                        .header
+                        .as_ref()
+                        .and_then(|h| h.contents.get(index as usize))
+                        .map_or(0, |c| c.size);
+                    self.done(&digest, &path, size);
                 }
                 Event::Patch { index, base, size, frame } => {
                     let bp = self.store.content_path(&base);
@@ -196,7 +201,7 @@ impl<'a> Applier<'a> {
                     };
                     let path = self.store.put(&digest, &new).map_err(|e| BundleOrPull::Pull(e.into()))?;
                     self.stats.patched += 1;
-                    self.done(&digest, &path);
+                    self.done(&digest, &path, new.len() as u64);
                 }
                 Event::End => {}
             }
@@ -205,9 +210,9 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
-    fn done(&mut self, digest: &Digest, path: &Path) {
+    fn done(&mut self, digest: &Digest, path: &Path, size: u64) {
         self.stats.contents += 1;
-        self.stats.content_bytes += std::fs::metadata(path).map_or(0, |m| m.len());
+        self.stats.content_bytes += size;
         self.observer.content(digest, path);
     }
 

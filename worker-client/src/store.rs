@@ -193,14 +193,16 @@ impl Store {
     pub fn temp_file(&self) -> Result<(File, PathBuf), StoreError> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let p = self.root.join("tmp").join(format!("{}-{n}", std::process::id()));
-        let f = File::options().write(true).create_new(true).open(&p).map_err(io(&p, "create"))?;
+        // Read-only from the start: the final name needs no chmod.
+        let f = std::os::unix::fs::OpenOptionsExt::mode(File::options().write(true).create_new(true), 0o444)
+            .open(&p)
+            .map_err(io(&p, "create"))?;
         Ok((f, p))
     }
 
     /// Gives a verified temporary file its final name.
     pub fn commit(&self, tmp: &Path, d: &Digest) -> Result<PathBuf, StoreError> {
         let dest = self.content_path(d);
-        let _ = std::fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o444));
         std::fs::rename(tmp, &dest).map_err(io(&dest, "rename into place"))?;
         Ok(dest)
     }
