@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 images="${STARLIGHT_IMAGES:-/var/tmp/starlight-images}"
 bash scripts/debian-image.sh "$images"
-cargo build --locked -p starlight-converter -p starlight-gateway --bins
+cargo build --locked -p starlight-converter -p starlight-gateway -p starlight-worker --bins
 convert=target/debug/starlight-convert
 gateway=target/debug/starlight-gateway
+pull=target/debug/starlight-pull
 
 work=$(mktemp -d)
 port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -30,7 +31,8 @@ YML
 docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 registry_pid=$!
 gateway_pid=
-trap 'kill $gateway_pid "$registry_pid" 2>/dev/null; wait $gateway_pid "$registry_pid" 2>/dev/null; rm -rf "$work"' EXIT
+mount_pid=
+trap 'kill $mount_pid $gateway_pid "$registry_pid" 2>/dev/null; wait $mount_pid $gateway_pid "$registry_pid" 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 
 for tag in app app-v2; do
@@ -66,3 +68,21 @@ v1=$(grep -i '^starlight-image:' "$work/headers" | tr -d '\r' | awk '{print $2}'
 echo "== update bundle app -> app-v2 (have=$v1; app-v2 is converted on demand)"
 bundle "to=app-v2&have=$v1" "$work/update.bundle"
 echo "== the gateway's conversions: $(curl -fs "http://127.0.0.1:$gport/metrics" | grep '^starlight_gateway_conversions_total' | tr '\n' ' ')"
+
+# The worker: pull through the gateway into a content-addressed store, export, update, mount.
+wstore="$work/worker"
+echo "== starlight-pull demo/redis:app (a fresh worker)"
+$pull --gateway "http://127.0.0.1:$gport" --store "$wstore" demo/redis:app
+$pull --store "$wstore" export demo/redis:app "$work/rootfs"
+echo "   rootfs: $(find "$work/rootfs" | wc -l) entries; chroot runs: $(chroot "$work/rootfs" /usr/bin/redis-server --version | cut -c1-40)"
+echo "== starlight-pull demo/redis:app-v2 (the update: only what app lacks)"
+$pull --gateway "http://127.0.0.1:$gport" --store "$wstore" demo/redis:app-v2
+$pull --store "$wstore" list
+echo "== mounting demo/redis:app-v2 from the store with FUSE, running redis-server from it"
+mkdir -p "$work/mnt"
+$pull --store "$wstore" mount demo/redis:app-v2 "$work/mnt" >"$work/mount.log" &
+mount_pid=$!
+for _ in $(seq 100); do grep -q '^mounted' "$work/mount.log" 2>/dev/null && break; sleep 0.05; done
+echo "   $(chroot "$work/mnt" /usr/bin/redis-server --version | cut -c1-40)"
+kill -TERM "$mount_pid"; wait "$mount_pid"; mount_pid=
+cat "$work/mount.log" | sed 's/^/   /'

@@ -357,7 +357,15 @@ impl Decoder {
 
     /// Decodes one record if it is all here; `None` when more bytes are needed.
     fn step(&mut self) -> Result<Option<Vec<Event>>, BundleError> {
-        let buf = self.pending();
+        // The buffer is lent out while its record is decoded, so that the payload is not copied.
+        let all = std::mem::take(&mut self.buf);
+        let r = self.step_in(&all);
+        self.buf = all;
+        r
+    }
+
+    fn step_in(&mut self, all: &[u8]) -> Result<Option<Vec<Event>>, BundleError> {
+        let buf = &all[self.start..];
         if self.ended {
             if !buf.is_empty() {
                 return Err(self.bad("bytes after the trailer"));
@@ -400,18 +408,18 @@ impl Decoder {
         if buf.len() < head + len {
             return Ok(None);
         }
-        let payload = buf[head..head + len].to_vec();
+        let payload = &buf[head..head + len];
         let events = match kind {
-            REC_HEADER => self.header_record(&payload)?,
+            REC_HEADER => self.header_record(payload)?,
             REC_HEADER_ZSTD => {
-                let plain = zstd::bulk::decompress(&payload, MAX_HEADER as usize)
+                let plain = zstd::bulk::decompress(payload, MAX_HEADER as usize)
                     .map_err(|e| self.bad(format!("compressed header does not decompress: {e}")))?;
                 self.header_record(&plain)?
             }
-            REC_CHUNK => self.chunk_record(&payload)?,
-            REC_PATCH => self.patch_record(&payload)?,
-            REC_BATCH => self.batch_record(&payload)?,
-            _ => self.trailer_record(&payload)?,
+            REC_CHUNK => self.chunk_record(payload)?,
+            REC_PATCH => self.patch_record(payload)?,
+            REC_BATCH => self.batch_record(payload)?,
+            _ => self.trailer_record(payload)?,
         };
         self.consume(head + len);
         Ok(Some(events))

@@ -213,3 +213,73 @@ fn metadata(pfd: RawFd, name: &std::ffi::CStr, e: &Entry) -> std::io::Result<()>
     let times = [ts, ts];
     check(unsafe { libc::utimensat(pfd, name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starlight_format::Digest;
+
+    fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+
+    fn header(entries: Vec<Entry>) -> Header {
+        Header {
+            manifest_digest: Digest::of(b"{}"),
+            manifest: b"{}".to_vec(),
+            config: b"{}".to_vec(),
+            platform: starlight_format::Platform::host(),
+            entries,
+            contents: vec![],
+        }
+    }
+
+    /// A hostile header: a symlink to a directory outside, then entries written "through" it.
+    /// Nothing may land outside the target.
+    #[test]
+    fn entries_through_symlinks_never_leave_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let data = b"owned".to_vec();
+        let d = Digest::of(&data);
+        store.put(&d, &data).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let file = |p: &str| entry(p, Kind::File { size: 5, digest: Some(d) });
+        let cases = [
+            vec![entry("etc", Kind::Symlink { target: outside.to_str().unwrap().into() }), file("etc/evil")],
+            vec![entry("up", Kind::Symlink { target: b"../outside".to_vec() }), file("up/evil")],
+            vec![
+                entry("etc", Kind::Symlink { target: outside.to_str().unwrap().into() }),
+                entry("etc/d", Kind::Dir),
+            ],
+            vec![
+                entry("etc", Kind::Symlink { target: outside.to_str().unwrap().into() }),
+                entry("h", Kind::Hardlink { target: b"etc/victim".to_vec() }),
+            ],
+        ];
+        std::fs::write(outside.join("victim"), b"keep").unwrap();
+        for (i, entries) in cases.into_iter().enumerate() {
+            let target = dir.path().join(format!("t{i}"));
+            let err = export(&store, &header(entries), &target).unwrap_err();
+            assert!(err.to_string().contains("open"), "case {i}: {err}");
+            let left: Vec<_> =
+                std::fs::read_dir(&outside).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert_eq!(left, vec![std::ffi::OsString::from("victim")], "case {i} wrote outside");
+            assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep");
+        }
+        // Paths that are not normalized are refused before anything is written.
+        let err = export(&store, &header(vec![file("../evil")]), &dir.path().join("t9")).unwrap_err();
+        assert!(err.to_string().contains("not a normalized relative path"), "{err}");
+        assert!(!dir.path().join("evil").exists());
+    }
+}

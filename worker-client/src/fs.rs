@@ -616,3 +616,61 @@ impl Filesystem for ImageFs {
         reply.statfs(blocks, 0, 0, self.tree.nodes.len() as u64, 0, 4096, 255, 4096);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starlight_format::Entry;
+
+    fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 1,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+
+    fn header(entries: Vec<Entry>) -> Header {
+        Header {
+            manifest_digest: Digest::of(b"{}"),
+            manifest: b"{}".to_vec(),
+            config: b"{}".to_vec(),
+            platform: starlight_format::Platform::host(),
+            entries,
+            contents: vec![],
+        }
+    }
+
+    #[test]
+    fn the_tree_follows_the_header_and_refuses_what_no_filesystem_can_be() {
+        let d = Digest::of(b"x");
+        let t = Tree::new(&header(vec![
+            entry("", Kind::Dir),
+            entry("bin", Kind::Dir),
+            entry("bin/a", Kind::File { size: 1, digest: Some(d) }),
+            entry("bin/b", Kind::Hardlink { target: b"bin/a".to_vec() }),
+            entry("lib", Kind::Symlink { target: b"bin".to_vec() }),
+        ]))
+        .unwrap();
+        let a = t.lookup_path(b"bin/a").unwrap();
+        assert_eq!(t.lookup_path(b"bin/b"), Some(a), "a hard link is the same inode");
+        assert_eq!(t.attr(a).nlink, 2);
+        assert_eq!(t.attr(1).nlink, 3, "root: itself, its parent link, bin");
+        assert_eq!(t.lookup_path(b"lib/a"), None, "lookups never follow symlinks");
+        for (bad, why) in [
+            (vec![entry("../x", Kind::Dir)], "not a normalized path"),
+            (vec![entry("a/b", Kind::Dir)], "no parent directory"),
+            (vec![entry("f", Kind::Fifo), entry("f/x", Kind::Fifo)], "not a directory"),
+            (vec![entry("h", Kind::Hardlink { target: b"nope".to_vec() })], "missing path"),
+            (vec![entry("a", Kind::Fifo), entry("a", Kind::Fifo)], "lists a name twice"),
+        ] {
+            let e = Tree::new(&header(bad)).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}

@@ -286,8 +286,20 @@ pub async fn pull(
     let bundle_err =
         |source| PullError::Bundle { image: image.clone(), gateway: gw.base().to_string(), source };
     let mut on_header = |h: &Header| -> Result<(), PullError> { Ok(store.save_partial(r, h)?) };
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
+    // The network is read on its own task, so that receiving overlaps decoding and writing
+    // (on a multi-threaded runtime); a bounded channel keeps what waits in between small.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let reader = tokio::spawn(async move {
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+    while let Some(chunk) = rx.recv().await {
         let chunk = chunk.map_err(|source| PullError::Stream {
             image: image.clone(),
             gateway: gw.base().to_string(),
@@ -351,6 +363,14 @@ pub async fn fetch_content(
     let path = store.commit(&tmp, digest)?;
     std::mem::forget(cleanup);
     Ok(path)
+}
+
+/// Stops the network task when the pull ends early.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct TempGuard(Option<PathBuf>);

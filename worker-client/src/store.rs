@@ -210,7 +210,10 @@ impl Store {
     /// Stores verified bytes as content `d`.
     pub fn put(&self, d: &Digest, data: &[u8]) -> Result<PathBuf, StoreError> {
         let (mut f, tmp) = self.temp_file()?;
-        f.write_all(data).map_err(io(&tmp, "write"))?;
+        if let Err(e) = f.write_all(data) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&tmp, "write")(e));
+        }
         drop(f);
         self.commit(&tmp, d)
     }
@@ -227,9 +230,15 @@ impl Store {
 
     fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
         let (mut f, tmp) = self.temp_file()?;
-        f.write_all(data).map_err(io(&tmp, "write"))?;
-        f.sync_all().map_err(io(&tmp, "sync"))?;
+        let written = f
+            .write_all(data)
+            .map_err(io(&tmp, "write"))
+            .and_then(|()| f.sync_all().map_err(io(&tmp, "sync")));
         drop(f);
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, dest).map_err(io(dest, "rename into place"))
     }
 

@@ -396,3 +396,112 @@ async fn a_program_starts_from_the_fuse_mount_before_its_bundle_completes() {
     drop(slow);
     gw.stop().await;
 }
+
+/// The gateway binary, built next to this test's binary by `cargo build --workspace`.
+fn gateway_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("starlight-gateway");
+    assert!(bin.exists(), "{} missing: run `cargo build --workspace` first", bin.display());
+    bin
+}
+
+fn spawn_gateway(registry: &Registry, dir: &Path, port: u16) -> Child {
+    let child = Command::new(gateway_bin())
+        .args(["--upstream", &format!("http://{}", registry.addr())])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--store")
+        .arg(dir.join("store"))
+        .arg("--index")
+        .arg(dir.join("index.redb"))
+        .env("STARLIGHT_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the gateway did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_bundle_then_back_the_pull_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let layout = dir.path().join("layout");
+    corpus(&layout);
+    push(&layout, &registry, "corpus", &["v1"]);
+    let port = starlight_conformance::servers::free_port();
+    let gw_dir = dir.path().join("gw");
+    let mut gw = spawn_gateway(&registry, &gw_dir, port);
+    let url = format!("http://127.0.0.1:{port}");
+    let all = count(&ok(&run(&url, &dir.path().join("warm"), &["corpus:v1"]).await), "contents");
+
+    let slow = Throttle::start(([127, 0, 0, 1], port).into(), 1 << 20);
+    let store = dir.path().join("worker");
+    let mut cmd = pull_cmd(&slow.url(), &store);
+    cmd.arg("corpus:v1");
+    let pull = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    let before = slow.down_bytes();
+    while slow.down_bytes() < before + (2 << 20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SAFETY: our own child.
+    unsafe { libc::kill(gw.id() as i32, libc::SIGKILL) };
+    gw.wait().unwrap();
+    let out = pull.await.unwrap();
+    assert!(!out.status.success(), "the pull survived its gateway's death: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("corpus:v1"), "{err}");
+    let kept = store_is_sound(&store);
+
+    let mut gw = spawn_gateway(&registry, &gw_dir, port);
+    let out = ok(&run(&url, &store, &["corpus:v1"]).await);
+    assert_eq!(count(&out, "held"), kept as u64, "{out}");
+    assert_eq!(count(&out, "contents") + kept as u64, all, "{out}");
+    ok(&run(&url, &store, &["export", "corpus:v1", dir.path().join("v1").to_str().unwrap()]).await);
+    let opts = Options { skip_root: true, skip_dir_mtimes: false };
+    assert_same_tree(&unpack(&layout, "v1", dir.path()), &dir.path().join("v1"), opts);
+    // SAFETY: our own child.
+    unsafe { libc::kill(gw.id() as i32, libc::SIGTERM) };
+    gw.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_a_clear_error_and_the_store_stays_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let layout = dir.path().join("layout");
+    corpus(&layout);
+    push(&layout, &registry, "corpus", &["v1"]);
+    let gw = Gw::start(&registry, &dir.path().join("gw")).await;
+    // The store on a 6 MiB filesystem: the corpus needs about 14 MiB.
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st =
+        Command::new("mount").args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"]).arg(&small).status().unwrap();
+    assert!(st.success(), "mount a tmpfs");
+    let store = small.join("store");
+    let out = run(&gw.url(), &store, &["corpus:v1"]).await;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let full = !out.status.success();
+    let kept = store_is_sound(&store);
+    // Space returns: the pull resumes, the result is whole.
+    let st = Command::new("mount").args(["-o", "remount,size=64m"]).arg(&small).status().unwrap();
+    assert!(st.success());
+    let again = run(&gw.url(), &store, &["corpus:v1"]).await;
+    let export =
+        run(&gw.url(), &store, &["export", "corpus:v1", dir.path().join("v1").to_str().unwrap()]).await;
+    let leftovers = std::fs::read_dir(store.join("tmp")).unwrap().count();
+    Command::new("umount").arg(&small).status().unwrap();
+    assert!(full, "14 MiB fit in 6 MiB?");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(leftovers, 0, "temporary files left behind");
+    let again = ok(&again);
+    assert_eq!(count(&again, "held"), kept as u64, "{again}");
+    ok(&export);
+    let opts = Options { skip_root: true, skip_dir_mtimes: false };
+    assert_same_tree(&unpack(&layout, "v1", dir.path()), &dir.path().join("v1"), opts);
+    gw.stop().await;
+}

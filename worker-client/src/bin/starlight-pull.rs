@@ -172,8 +172,9 @@ fn whole(store: &Store, image: &str) -> anyhow::Result<(ImageMeta, Digest)> {
     Ok((meta, d))
 }
 
+/// Two threads: one receives the bundle while the other decodes and writes it.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
