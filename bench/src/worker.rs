@@ -32,9 +32,18 @@ fn mixed_image(layout: &Path, tag: &str, mib: usize) {
     write_image(layout, tag, &[layer.finish()], &["/bin/true"]);
 }
 
-/// Runs a command to its end; returns seconds and its peak RSS in KiB (VmHWM, read every 5 ms
+/// User + system CPU seconds of a running process.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    Some(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// Runs a command to its end; returns seconds, its CPU seconds and its peak RSS in KiB (VmHWM, read every 5 ms
 /// until it exits: wait4's ru_maxrss would count the forked copy of this process before exec).
-fn timed(cmd: &mut Command) -> anyhow::Result<(f64, u64, String)> {
+fn timed(cmd: &mut Command) -> anyhow::Result<(f64, u64, String, f64)> {
     let t = Instant::now();
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let pid = child.id();
@@ -51,12 +60,13 @@ fn timed(cmd: &mut Command) -> anyhow::Result<(f64, u64, String)> {
         std::io::Read::read_to_string(&mut se, &mut s).ok();
         s
     });
-    let mut peak = 0;
+    let (mut peak, mut cpu) = (0, 0.0);
     let status = loop {
         if let Some(st) = child.try_wait()? {
             break st;
         }
         peak = peak.max(crate::gateway::rss_kib(pid).1);
+        cpu = cpu_seconds(pid).unwrap_or(cpu);
         std::thread::sleep(std::time::Duration::from_millis(5));
     };
     let secs = t.elapsed().as_secs_f64();
@@ -64,7 +74,7 @@ fn timed(cmd: &mut Command) -> anyhow::Result<(f64, u64, String)> {
     if !status.success() {
         bail!("{cmd:?} failed:\n{out}\n{err}");
     }
-    Ok((secs, peak, out))
+    Ok((secs, peak, out, cpu))
 }
 
 fn drop_caches() -> anyhow::Result<()> {
@@ -196,14 +206,14 @@ pub fn run(
 
     println!("## Apply: `starlight-pull` into an empty store, loopback ({rounds} rounds, median)\n");
     println!(
-        "| image | content | bundle | wire only (curl) | pull, store on disk | apply | pull, store on tmpfs | apply | peak RSS |"
+        "| image | content | bundle | wire only (curl) | pull, store on disk | apply | pull, store on tmpfs | apply | CPU of the pull (tmpfs) | peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let shm = tempfile::tempdir_in("/dev/shm")?;
     for image in ["big:v1", "app:v1"] {
         let (name, tag) = image.split_once(':').unwrap();
         let url = format!("{base}/v2/{name}/_starlight/bundle?to={tag}");
-        let (mut wire, mut disk, mut ram, mut rss) = (vec![], vec![], vec![], vec![]);
+        let (mut wire, mut disk, mut ram, mut rss, mut cpus) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut content, mut wire_bytes) = (0u64, 0u64);
         for r in 0..rounds {
             let (n, secs) = curl_download(&url)?;
@@ -215,10 +225,13 @@ pub fn run(
                 let store = root.join(format!("store-{name}-{r}"));
                 // SAFETY: sync has no arguments. Nothing of the last round is left to write.
                 unsafe { libc::sync() };
-                let (secs, kib, out) =
+                let (secs, kib, out, cpu) =
                     timed(Command::new(&pull).args(["--gateway", &base, "--store"]).arg(&store).arg(image))?;
                 if !out.starts_with("pulled") {
                     bail!("unexpected output: {out}");
+                }
+                if root == shm.path() {
+                    cpus.push(cpu);
                 }
                 times.push(secs);
                 rss.push(kib as f64);
@@ -232,7 +245,7 @@ pub fn run(
         let (w, d, m, peak) =
             (median(wire), median(disk), median(ram), rss.iter().copied().fold(0.0, f64::max));
         println!(
-            "| {image} | {:.0} MiB | {:.0} MiB | {:.2} s | {:.2} s | {:.0} MB/s | {:.2} s | {:.0} MB/s | {:.1} MiB |",
+            "| {image} | {:.0} MiB | {:.0} MiB | {:.2} s | {:.2} s | {:.0} MB/s | {:.2} s | {:.0} MB/s | {:.2} s | {:.1} MiB |",
             content as f64 / 1048576.0,
             wire_bytes as f64 / 1048576.0,
             w,
@@ -240,6 +253,7 @@ pub fn run(
             content as f64 / d / 1e6,
             m,
             content as f64 / m / 1e6,
+            median(cpus),
             peak / 1024.0
         );
     }

@@ -298,6 +298,10 @@ pub struct Decoder {
     done: u64,
     done_bytes: u64,
     ended: bool,
+    /// One decompression context for every record.
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    /// Buffers handed back with [`Decoder::recycle`], reused for the next records.
+    spare: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -328,6 +332,28 @@ impl Decoder {
 
     fn pending(&self) -> &[u8] {
         &self.buf[self.start..]
+    }
+
+    /// Gives back the buffer of a [`Event::Chunk`] once its bytes are written, so that the next
+    /// record decompresses into memory already mapped.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < 2 && buf.capacity() <= CHUNK_SIZE as usize {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Decompresses one zstd frame of `want` bytes at most.
+    fn inflate(&mut self, frame: &[u8], want: usize) -> Result<Vec<u8>, String> {
+        let mut out = self.spare.pop().unwrap_or_default();
+        out.clear();
+        out.reserve_exact(want);
+        let dctx = match &mut self.dctx {
+            Some(d) => d,
+            None => self.dctx.insert(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?),
+        };
+        dctx.decompress_to_buffer(frame, &mut out).map_err(|e| e.to_string())?;
+        Ok(out)
     }
 
     /// Call at the end of the stream: an error unless the trailer arrived and every patch was
@@ -476,16 +502,15 @@ impl Decoder {
         if self.complete.contains(&index) || self.patches.contains_key(&index) {
             return Err(self.bad(format!("content {index} sent twice")));
         }
-        let prog =
-            self.progress.entry(index).or_insert_with(|| Progress { received: 0, hasher: Hasher::new() });
-        if offset != prog.received || prog.received >= c.size {
+        let received = self.progress.get(&index).map_or(0, |p| p.received);
+        if offset != received || received >= c.size {
             return Err(BundleError::Bad {
                 offset: self.base,
-                why: format!("chunk of content {index} at {offset}, expected {}", prog.received),
+                why: format!("chunk of content {index} at {offset}, expected {received}"),
             });
         }
         let want = (c.size - offset).min(CHUNK_SIZE) as usize;
-        let data = zstd::bulk::decompress(frame, want).map_err(|e| BundleError::Bad {
+        let data = self.inflate(frame, want).map_err(|e| BundleError::Bad {
             offset: self.base,
             why: format!("chunk of content {index} does not decompress: {e}"),
         })?;
@@ -495,6 +520,8 @@ impl Decoder {
                 why: format!("chunk of content {index} holds {} bytes, expected {want}", data.len()),
             });
         }
+        let prog =
+            self.progress.entry(index).or_insert_with(|| Progress { received: 0, hasher: Hasher::new() });
         prog.hasher.update(&data);
         prog.received += data.len() as u64;
         let mut events = vec![Event::Chunk { index, offset, data }];
@@ -552,7 +579,8 @@ impl Decoder {
                 return Err(self.bad(format!("content {i} sent twice")));
             }
         }
-        let data = zstd::bulk::decompress(frame, total as usize)
+        let data = self
+            .inflate(frame, total as usize)
             .map_err(|e| self.bad(format!("batch from content {first} does not decompress: {e}")))?;
         if data.len() as u64 != total {
             return Err(
@@ -574,6 +602,7 @@ impl Decoder {
             events.push(Event::Chunk { index, offset: 0, data: part.to_vec() });
             events.push(Event::ContentDone { index, digest: c.digest });
         }
+        self.recycle(data);
         Ok(events)
     }
 

@@ -169,6 +169,7 @@ impl<'a> Applier<'a> {
                     f.write_all(&data).map_err(|source| {
                         BundleOrPull::Pull(PullError::Write { digest: format!("#{index}"), source })
                     })?;
+                    self.dec.recycle(data);
                 }
                 Event::ContentDone { index, digest } => {
                     let (f, tmp) = match self.open.remove(&index) {
@@ -288,7 +289,7 @@ pub async fn pull(
     let mut on_header = |h: &Header| -> Result<(), PullError> { Ok(store.save_partial(r, h)?) };
     // The network is read on its own task, so that receiving overlaps decoding and writing
     // (on a multi-threaded runtime); a bounded channel keeps what waits in between small.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     let reader = tokio::spawn(async move {
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
