@@ -9,14 +9,31 @@ use crate::store::Reference;
 /// A failed call to the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{url}: {source}")]
-    Http {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("{url}: {why}")]
+    Http { url: String, why: String },
     #[error("{url}: the gateway answered {status}: {message}")]
     Refused { url: String, status: u16, message: String },
+}
+
+/// A transport error as one line: its causes, innermost last, without the URL repeated.
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = c.source();
+    }
+    if parts.is_empty() {
+        let mut e = e.to_string();
+        if let Some(i) = e.find(" for url (") {
+            e.truncate(i);
+        }
+        parts.push(e);
+    }
+    parts.join(": ")
 }
 
 /// Where the gateway is and who the worker is to it.
@@ -76,8 +93,11 @@ impl Gateway {
         url: String,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp =
-            self.auth(req).send().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
+        let resp = self
+            .auth(req)
+            .send()
+            .await
+            .map_err(|e| ClientError::Http { url: url.clone(), why: describe(&e) })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -167,6 +187,6 @@ impl Gateway {
         }
         let req = self.http.post(&url).body(body);
         let resp = self.send(url.clone(), req).await?;
-        resp.json().await.map_err(|source| ClientError::Http { url, source })
+        resp.json().await.map_err(|e| ClientError::Http { url, why: describe(&e) })
     }
 }

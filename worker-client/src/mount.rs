@@ -212,6 +212,11 @@ impl Mounted {
         Some(h.join().unwrap_or_else(|_| Err("the pull panicked".into())))
     }
 
+    /// The background pull's thread, to wait for elsewhere; `None` when the image was whole.
+    pub fn take_pull(&mut self) -> Option<std::thread::JoinHandle<Result<Report, String>>> {
+        self.pull.take()
+    }
+
     /// Unmounts, and keeps the recorded trace in the store. Returns the trace.
     pub fn unmount(mut self) -> Result<Vec<Vec<u8>>, MountError> {
         self.stop()

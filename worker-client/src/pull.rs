@@ -31,14 +31,8 @@ pub enum PullError {
         #[source]
         source: BundleError,
     },
-    #[error("bundle of {image} from {gateway}: reading the stream after {bytes} bytes: {source}")]
-    Stream {
-        image: String,
-        gateway: String,
-        bytes: u64,
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("bundle of {image} from {gateway}: reading the stream after {bytes} bytes: {why}")]
+    Stream { image: String, gateway: String, bytes: u64, why: String },
     #[error("writing content {digest} into the store: {source}")]
     Write {
         digest: String,
@@ -301,11 +295,11 @@ pub async fn pull(
     });
     let _reader = AbortOnDrop(reader);
     while let Some(chunk) = rx.recv().await {
-        let chunk = chunk.map_err(|source| PullError::Stream {
+        let chunk = chunk.map_err(|e| PullError::Stream {
             image: image.clone(),
             gateway: gw.base().to_string(),
             bytes: applier.stats.wire_bytes,
-            source,
+            why: crate::client::describe(&e),
         })?;
         match applier.feed(&chunk, &mut on_header) {
             Ok(()) => {}
@@ -340,11 +334,11 @@ pub async fn fetch_content(
         .map_err(|source| PullError::Write { digest: digest.to_string(), source })?;
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|source| PullError::Stream {
+        let chunk = chunk.map_err(|e| PullError::Stream {
             image: r.to_string(),
             gateway: gw.base().to_string(),
             bytes: 0,
-            source,
+            why: crate::client::describe(&e),
         })?;
         dec.write_all(&chunk).map_err(|e| PullError::Content { digest: *digest, why: e.to_string() })?;
     }

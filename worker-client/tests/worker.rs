@@ -505,3 +505,49 @@ async fn a_full_disk_is_a_clear_error_and_the_store_stays_consistent() {
     assert_same_tree(&unpack(&layout, "v1", dir.path()), &dir.path().join("v1"), opts);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_stopped_while_its_pull_runs_unmounts_and_the_next_mount_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let layout = dir.path().join("layout");
+    corpus(&layout);
+    push(&layout, &registry, "corpus", &["v1"]);
+    let gw = Gw::start(&registry, &dir.path().join("gw")).await;
+    ok(&run(&gw.url(), &dir.path().join("warm"), &["corpus:v1"]).await);
+    let slow = Throttle::start(gw.addr, 1 << 20);
+    let (store, mnt) = (dir.path().join("worker"), dir.path().join("mnt"));
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = |url: &str| {
+        pull_cmd(url, &store)
+            .args(["mount", "corpus:v1", mnt.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = mount(&slow.url());
+    let rx = lines(&mut child);
+    assert!(rx.recv_timeout(Duration::from_secs(30)).unwrap().starts_with("mounted corpus:v1"));
+    assert_eq!(std::fs::read(mnt.join("etc/hosts")).unwrap(), b"127.0.0.1 localhost\n::1 localhost\n");
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let st = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(st.success(), "{st}");
+    assert!(t.elapsed() < Duration::from_secs(5), "stopping took {:?}", t.elapsed());
+    assert!(!is_mounted(&mnt));
+    assert!(std::fs::read_dir(store.join("images/sha256")).unwrap().next().is_none());
+
+    let mut child = mount(&gw.url());
+    let rx = lines(&mut child);
+    assert!(rx.recv_timeout(Duration::from_secs(30)).unwrap().starts_with("mounted corpus:v1"));
+    let done = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(done.starts_with("pulled corpus:v1"), "{done}");
+    let big = std::fs::read(mnt.join("data/big")).unwrap();
+    assert_eq!(big.len(), 9 << 20);
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap().success());
+    drop(slow);
+    gw.stop().await;
+}

@@ -241,31 +241,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::io::stdout().flush()?;
             let rt = runtime()?;
             let digest = m.digest;
-            // Report the pull's end, then serve until told to stop.
-            let pulled = std::thread::scope(|s| -> anyhow::Result<()> {
-                let waiter = s.spawn(|| m.wait_pull());
-                let res = waiter.join().map_err(|_| anyhow::anyhow!("pull thread panicked"))?;
-                match res {
-                    Some(Ok(rep)) => {
-                        println!(
-                            "pulled {r}: {} contents, {:.1} MiB in {:.2}s",
-                            rep.stats.contents,
-                            mib(rep.stats.content_bytes),
-                            rep.elapsed.as_secs_f64()
-                        );
-                    }
-                    Some(Err(e)) => eprintln!("starlight-pull: error: pull of {r} failed: {e}"),
-                    None => println!("{r} is whole in the store"),
-                }
-                std::io::stdout().flush()?;
-                Ok(())
+            // Serve until SIGINT or SIGTERM, which may come while the pull still runs; report the
+            // pull's end when it comes.
+            let pull = m.take_pull();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let res = pull.map(|h| h.join().unwrap_or_else(|_| Err("the pull panicked".into())));
+                let _ = tx.send(res);
             });
-            pulled?;
             rt.block_on(async {
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                let mut pulled = Some(rx);
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = term.recv() => break,
+                        res = async { pulled.as_mut().unwrap().await }, if pulled.is_some() => {
+                            pulled = None;
+                            match res {
+                                Ok(Some(Ok(rep))) => println!(
+                                    "pulled {r}: {} contents, {:.1} MiB in {:.2}s",
+                                    rep.stats.contents,
+                                    mib(rep.stats.content_bytes),
+                                    rep.elapsed.as_secs_f64()
+                                ),
+                                Ok(Some(Err(e))) => eprintln!("starlight-pull: error: pull of {r} failed: {e}"),
+                                _ => println!("{r} is whole in the store"),
+                            }
+                            std::io::stdout().flush()?;
+                        }
+                    }
                 }
                 anyhow::Ok(())
             })?;
