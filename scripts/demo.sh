@@ -32,7 +32,7 @@ docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 registry_pid=$!
 gateway_pid=
 mount_pid=
-trap 'kill $mount_pid $gateway_pid "$registry_pid" 2>/dev/null; wait $mount_pid $gateway_pid "$registry_pid" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'st=$?; kill $mount_pid $gateway_pid "$registry_pid" 2>/dev/null; wait $mount_pid $gateway_pid "$registry_pid" 2>/dev/null || true; rm -rf "$work"; exit $st' EXIT
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 
 for tag in app app-v2; do
