@@ -15,6 +15,23 @@ pub enum ClientError {
     Refused { url: String, status: u16, message: String },
 }
 
+/// The longest wait for the gateway's answer (it converts an image before its first bundle).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How long a response body may stall, by default, before the transfer counts as cut.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The next piece of a response body; an error when the body stalls for `stall`.
+pub async fn next_chunk<S>(stream: &mut S, stall: Duration) -> Option<Result<bytes::Bytes, String>>
+where
+    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+{
+    use futures::StreamExt;
+    match tokio::time::timeout(stall, stream.next()).await {
+        Ok(c) => c.map(|r| r.map_err(|e| describe(&e))),
+        Err(_) => Some(Err(format!("nothing received for {} s: the transfer stalled", stall.as_secs()))),
+    }
+}
+
 /// A transport error as one line: its causes, innermost last, without the URL repeated.
 pub fn describe(e: &reqwest::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
@@ -43,6 +60,7 @@ pub struct Gateway {
     /// `user:password` for HTTP Basic, passed on to the registry's checks.
     credentials: Option<(String, String)>,
     http: reqwest::Client,
+    stall: Duration,
 }
 
 /// Sent and ignored `have` images, as the gateway counted them.
@@ -68,13 +86,24 @@ impl Gateway {
             }
             None => None,
         };
+        // No read timeout here: the first answer for an image not converted yet comes only after
+        // its conversion. The answer is bounded by `ANSWER_TIMEOUT`, and a stalled body by the
+        // stall timeout (see `next_chunk`).
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            // A stalled stream is an error, not a hang.
-            .read_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
-        Ok(Gateway { base, credentials, http })
+        Ok(Gateway { base, credentials, http, stall: STALL_TIMEOUT })
+    }
+
+    /// A body that stalls this long counts as cut (default [`STALL_TIMEOUT`]).
+    pub fn with_stall_timeout(mut self, stall: Duration) -> Gateway {
+        self.stall = stall;
+        self
+    }
+
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall
     }
 
     pub fn base(&self) -> &str {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
 use starlight_format::Digest;
 use starlight_format::bundle::{BundleError, Decoder, Event, Header, apply_patch};
 
@@ -284,9 +283,10 @@ pub async fn pull(
     // The network is read on its own task, so that receiving overlaps decoding and writing
     // (on a multi-threaded runtime); a bounded channel keeps what waits in between small.
     let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let stall = gw.stall_timeout();
     let reader = tokio::spawn(async move {
         let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
+        while let Some(chunk) = crate::client::next_chunk(&mut stream, stall).await {
             let failed = chunk.is_err();
             if tx.send(chunk).await.is_err() || failed {
                 break;
@@ -295,11 +295,11 @@ pub async fn pull(
     });
     let _reader = AbortOnDrop(reader);
     while let Some(chunk) = rx.recv().await {
-        let chunk = chunk.map_err(|e| PullError::Stream {
+        let chunk = chunk.map_err(|why| PullError::Stream {
             image: image.clone(),
             gateway: gw.base().to_string(),
             bytes: applier.stats.wire_bytes,
-            why: crate::client::describe(&e),
+            why,
         })?;
         match applier.feed(&chunk, &mut on_header) {
             Ok(()) => {}
@@ -332,13 +332,13 @@ pub async fn fetch_content(
     let sink = Verify { file, hasher: starlight_format::Hasher::new(), written: 0, limit: size };
     let mut dec = zstd::stream::write::Decoder::new(sink)
         .map_err(|source| PullError::Write { digest: digest.to_string(), source })?;
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| PullError::Stream {
+    let (mut stream, stall) = (resp.bytes_stream(), gw.stall_timeout());
+    while let Some(chunk) = crate::client::next_chunk(&mut stream, stall).await {
+        let chunk = chunk.map_err(|why| PullError::Stream {
             image: r.to_string(),
             gateway: gw.base().to_string(),
             bytes: 0,
-            why: crate::client::describe(&e),
+            why,
         })?;
         dec.write_all(&chunk).map_err(|e| PullError::Content { digest: *digest, why: e.to_string() })?;
     }

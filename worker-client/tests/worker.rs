@@ -230,6 +230,24 @@ async fn a_pull_killed_midway_resumes_with_only_what_is_missing() {
     store_is_sound(&store2);
     let out = ok(&run(&gw.url(), &store2, &["corpus:v1"]).await);
     assert!(count(&out, "held") > 0, "{out}");
+
+    // A link that stalls (nothing more arrives, nothing is closed): cut after --stall-timeout.
+    let stalling = Throttle::start(gw.addr, 1 << 20);
+    let store3 = dir.path().join("worker3");
+    let mut cmd = pull_cmd(&stalling.url(), &store3);
+    cmd.args(["--stall-timeout", "2", "corpus:v1"]);
+    let t = Instant::now();
+    let pull = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    while stalling.down_bytes() < 1 << 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stalling.set_rate(1);
+    let out = pull.await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing received for 2 s"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    store_is_sound(&store3);
     gw.stop().await;
 }
 

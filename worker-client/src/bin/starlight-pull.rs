@@ -30,6 +30,9 @@ struct Cli {
     /// USER:PASSWORD for the registry behind the gateway (HTTP Basic).
     #[arg(long, global = true, env = "STARLIGHT_CREDENTIALS", hide_env_values = true)]
     user: Option<String>,
+    /// Seconds a transfer may receive nothing before it counts as cut (and can be resumed).
+    #[arg(long, global = true, default_value_t = 60)]
+    stall_timeout: u64,
     /// Platform of an image index to pull (os/arch[/variant]); the gateway's by default.
     #[arg(long, global = true)]
     platform: Option<String>,
@@ -138,7 +141,7 @@ fn main() {
 /// `starlight-pull [OPTIONS] IMAGE` means `starlight-pull [OPTIONS] pull IMAGE`.
 fn with_default_command(mut args: Vec<String>) -> Vec<String> {
     const COMMANDS: &[&str] = &["pull", "export", "list", "rm", "gc", "mount", "trace", "help"];
-    const TAKE_VALUE: &[&str] = &["--gateway", "--store", "--user", "--platform"];
+    const TAKE_VALUE: &[&str] = &["--gateway", "--store", "--user", "--platform", "--stall-timeout"];
     let mut i = 1;
     while i < args.len() {
         let a = args[i].as_str();
@@ -161,7 +164,9 @@ fn reference(s: &str) -> anyhow::Result<Reference> {
 }
 
 fn gateway(cli: &Cli) -> anyhow::Result<Gateway> {
-    Gateway::new(&cli.gateway, cli.user.as_deref()).map_err(anyhow::Error::msg)
+    Ok(Gateway::new(&cli.gateway, cli.user.as_deref())
+        .map_err(anyhow::Error::msg)?
+        .with_stall_timeout(Duration::from_secs(cli.stall_timeout)))
 }
 
 fn whole(store: &Store, image: &str) -> anyhow::Result<(ImageMeta, Digest)> {
