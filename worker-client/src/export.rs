@@ -217,31 +217,8 @@ fn metadata(pfd: RawFd, name: &std::ffi::CStr, e: &Entry) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{entry, header};
     use starlight_format::Digest;
-
-    fn entry(path: &str, kind: Kind) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            mtime_nsec: 0,
-            xattrs: vec![],
-        }
-    }
-
-    fn header(entries: Vec<Entry>) -> Header {
-        Header {
-            manifest_digest: Digest::of(b"{}"),
-            manifest: b"{}".to_vec(),
-            config: b"{}".to_vec(),
-            platform: starlight_format::Platform::host(),
-            entries,
-            contents: vec![],
-        }
-    }
 
     /// A hostile header: a symlink to a directory outside, then entries written "through" it.
     /// Nothing may land outside the target.

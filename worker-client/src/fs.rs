@@ -281,6 +281,10 @@ impl Contents {
         self.state.lock().unwrap().ready.len() == self.sizes.len()
     }
 
+    pub fn is_ready(&self, d: &Digest) -> bool {
+        self.state.lock().unwrap().ready.contains_key(d)
+    }
+
     /// Content `d` is in the store at `path`: answer the reads waiting for it.
     pub fn arrived(&self, d: &Digest, path: &Path) {
         let waiters = {
@@ -620,31 +624,7 @@ impl Filesystem for ImageFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use starlight_format::Entry;
-
-    fn entry(path: &str, kind: Kind) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime: 1,
-            mtime_nsec: 0,
-            xattrs: vec![],
-        }
-    }
-
-    fn header(entries: Vec<Entry>) -> Header {
-        Header {
-            manifest_digest: Digest::of(b"{}"),
-            manifest: b"{}".to_vec(),
-            config: b"{}".to_vec(),
-            platform: starlight_format::Platform::host(),
-            entries,
-            contents: vec![],
-        }
-    }
+    use crate::testing::{entry, header};
 
     #[test]
     fn the_tree_follows_the_header_and_refuses_what_no_filesystem_can_be() {

@@ -15,6 +15,9 @@ pub mod pull;
 pub mod store;
 pub mod trace;
 
+#[cfg(test)]
+mod testing;
+
 pub use client::Gateway;
 pub use mount::{MountOptions, Mounted, mount};
 pub use pull::{PullOptions, Report, pull};

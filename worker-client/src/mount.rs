@@ -149,10 +149,12 @@ pub fn mount(store: Arc<Store>, opts: MountOptions, mountpoint: &Path) -> Result
         opts.read_timeout,
     );
     let _ = contents_cell.set(contents.clone());
-    // Contents that arrived between the header and now.
-    for (d, size) in crate::store::image_contents(&header) {
-        if store.has(&d, size) {
-            contents.arrived(&d, &store.content_path(&d));
+    if pull_thread.is_some() {
+        // Contents that arrived between `Contents::new` looking and the cell being set.
+        for (d, size) in crate::store::image_contents(&header) {
+            if !contents.is_ready(&d) && store.has(&d, size) {
+                contents.arrived(&d, &store.content_path(&d));
+            }
         }
     }
     let trace = Arc::new(Trace::default());

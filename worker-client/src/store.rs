@@ -493,23 +493,11 @@ mod tests {
         s.put(&da, &a).unwrap();
         s.put(&db, &b).unwrap();
         assert!(s.has(&da, 5) && !s.has(&da, 4));
-        let header = Header {
-            manifest_digest: Digest::of(b"{}"),
-            manifest: b"{}".to_vec(),
-            config: b"{}".to_vec(),
-            platform: starlight_format::Platform::host(),
-            entries: vec![starlight_format::Entry {
-                path: b"a".to_vec(),
-                kind: starlight_format::Kind::File { size: 5, digest: Some(da) },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                mtime_nsec: 0,
-                xattrs: vec![],
-            }],
-            contents: vec![starlight_format::bundle::ContentRef { digest: da, size: 5 }],
-        };
+        let mut header = crate::testing::header(vec![crate::testing::entry(
+            "a",
+            starlight_format::Kind::File { size: 5, digest: Some(da) },
+        )]);
+        header.contents = vec![starlight_format::bundle::ContentRef { digest: da, size: 5 }];
         let r = Reference::parse("x/y:1").unwrap();
         let meta = s.save_image(&r, &header).unwrap();
         assert_eq!(meta.tags, vec!["1".to_string()]);

@@ -90,6 +90,23 @@ fn unpack(layout: &Path, tag: &str, dir: &Path) -> PathBuf {
     bundle.join("rootfs")
 }
 
+/// A temporary directory, a registry, and the edge-case corpus built in `DIR/layout` with `tags`
+/// pushed as `corpus`.
+fn corpus_in_registry(tags: &[&str]) -> (tempfile::TempDir, Registry, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let layout = dir.path().join("layout");
+    corpus(&layout);
+    push(&layout, &registry, "corpus", tags);
+    (dir, registry, layout)
+}
+
+/// Sends `sig` to a child of ours.
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill on the pid of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0, "kill {}", child.id());
+}
+
 fn push(layout: &Path, registry: &Registry, name: &str, tags: &[&str]) {
     for tag in tags {
         skopeo_copy(
@@ -114,11 +131,7 @@ fn store_is_sound(store: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_and_export_equal_umoci_unpack_and_updates_come_as_deltas() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start();
-    let layout = dir.path().join("layout");
-    corpus(&layout);
-    push(&layout, &registry, "corpus", &["v1", "v2"]);
+    let (dir, registry, layout) = corpus_in_registry(&["v1", "v2"]);
     let gw = Gw::start(&registry, &dir.path().join("gw")).await;
     let store = dir.path().join("worker");
 
@@ -177,11 +190,7 @@ async fn pull_and_export_equal_umoci_unpack_and_updates_come_as_deltas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_killed_midway_resumes_with_only_what_is_missing() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start();
-    let layout = dir.path().join("layout");
-    corpus(&layout);
-    push(&layout, &registry, "corpus", &["v1"]);
+    let (dir, registry, layout) = corpus_in_registry(&["v1"]);
     let gw = Gw::start(&registry, &dir.path().join("gw")).await;
     // Converted first, so that the slow link is the only wait.
     let warm = tempfile::tempdir().unwrap();
@@ -197,8 +206,7 @@ async fn a_pull_killed_midway_resumes_with_only_what_is_missing() {
         assert!(child.try_wait().unwrap().is_none(), "the pull ended before it could be killed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // SAFETY: kill on the pid of our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    signal(&child, libc::SIGKILL);
     child.wait().unwrap();
     let kept = store_is_sound(&store);
     assert!(kept >= 3 && (kept as u64) < all, "kept {kept} of {all}");
@@ -253,11 +261,7 @@ async fn a_pull_killed_midway_resumes_with_only_what_is_missing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_tampered_with_in_the_gateway_store_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start();
-    let layout = dir.path().join("layout");
-    corpus(&layout);
-    push(&layout, &registry, "corpus", &["v1"]);
+    let (dir, registry, _) = corpus_in_registry(&["v1"]);
     let gw_dir = dir.path().join("gw");
     let gw = Gw::start(&registry, &gw_dir).await;
     ok(&run(&gw.url(), &dir.path().join("warm"), &["corpus:v1"]).await);
@@ -389,8 +393,7 @@ async fn a_program_starts_from_the_fuse_mount_before_its_bundle_completes() {
     let done = rx.recv_timeout(Duration::from_secs(120)).expect("the pull never finished");
     assert!(done.starts_with("pulled app:app"), "{done}");
     assert!(whole.exists());
-    // SAFETY: our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     assert!(child.wait().unwrap().success());
     assert!(!is_mounted(&mnt));
     let trace = ok(&run(&gw.url(), &store, &["trace", "show", "app:app"]).await);
@@ -408,8 +411,7 @@ async fn a_program_starts_from_the_fuse_mount_before_its_bundle_completes() {
     assert!(rx.recv_timeout(Duration::from_secs(30)).unwrap().starts_with("mounted app:app"));
     let out = run_in(&mnt, &["/usr/bin/redis-server", "--version"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Redis server v="), "{out:?}");
-    // SAFETY: our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     assert!(child.wait().unwrap().success());
     drop(slow);
     gw.stop().await;
@@ -445,11 +447,7 @@ fn spawn_gateway(registry: &Registry, dir: &Path, port: u16) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_mid_bundle_then_back_the_pull_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start();
-    let layout = dir.path().join("layout");
-    corpus(&layout);
-    push(&layout, &registry, "corpus", &["v1"]);
+    let (dir, registry, layout) = corpus_in_registry(&["v1"]);
     let port = starlight_conformance::servers::free_port();
     let gw_dir = dir.path().join("gw");
     let mut gw = spawn_gateway(&registry, &gw_dir, port);
@@ -465,8 +463,7 @@ async fn a_gateway_killed_mid_bundle_then_back_the_pull_resumes() {
     while slow.down_bytes() < before + (2 << 20) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // SAFETY: our own child.
-    unsafe { libc::kill(gw.id() as i32, libc::SIGKILL) };
+    signal(&gw, libc::SIGKILL);
     gw.wait().unwrap();
     let out = pull.await.unwrap();
     assert!(!out.status.success(), "the pull survived its gateway's death: {out:?}");
@@ -481,18 +478,13 @@ async fn a_gateway_killed_mid_bundle_then_back_the_pull_resumes() {
     ok(&run(&url, &store, &["export", "corpus:v1", dir.path().join("v1").to_str().unwrap()]).await);
     let opts = Options { skip_root: true, skip_dir_mtimes: false };
     assert_same_tree(&unpack(&layout, "v1", dir.path()), &dir.path().join("v1"), opts);
-    // SAFETY: our own child.
-    unsafe { libc::kill(gw.id() as i32, libc::SIGTERM) };
+    signal(&gw, libc::SIGTERM);
     gw.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_a_clear_error_and_the_store_stays_consistent() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start();
-    let layout = dir.path().join("layout");
-    corpus(&layout);
-    push(&layout, &registry, "corpus", &["v1"]);
+    let (dir, registry, layout) = corpus_in_registry(&["v1"]);
     let gw = Gw::start(&registry, &dir.path().join("gw")).await;
     // The store on a 6 MiB filesystem: the corpus needs about 14 MiB.
     let small = dir.path().join("small");
@@ -526,11 +518,7 @@ async fn a_full_disk_is_a_clear_error_and_the_store_stays_consistent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mount_stopped_while_its_pull_runs_unmounts_and_the_next_mount_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start();
-    let layout = dir.path().join("layout");
-    corpus(&layout);
-    push(&layout, &registry, "corpus", &["v1"]);
+    let (dir, registry, _) = corpus_in_registry(&["v1"]);
     let gw = Gw::start(&registry, &dir.path().join("gw")).await;
     ok(&run(&gw.url(), &dir.path().join("warm"), &["corpus:v1"]).await);
     let slow = Throttle::start(gw.addr, 1 << 20);
@@ -547,8 +535,7 @@ async fn a_mount_stopped_while_its_pull_runs_unmounts_and_the_next_mount_resumes
     let rx = lines(&mut child);
     assert!(rx.recv_timeout(Duration::from_secs(30)).unwrap().starts_with("mounted corpus:v1"));
     assert_eq!(std::fs::read(mnt.join("etc/hosts")).unwrap(), b"127.0.0.1 localhost\n::1 localhost\n");
-    // SAFETY: our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     let t = Instant::now();
     let st = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(st.success(), "{st}");
@@ -563,8 +550,7 @@ async fn a_mount_stopped_while_its_pull_runs_unmounts_and_the_next_mount_resumes
     assert!(done.starts_with("pulled corpus:v1"), "{done}");
     let big = std::fs::read(mnt.join("data/big")).unwrap();
     assert_eq!(big.len(), 9 << 20);
-    // SAFETY: our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     assert!(tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap().success());
     drop(slow);
     gw.stop().await;
