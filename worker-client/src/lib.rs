@@ -6,12 +6,16 @@
 //! - [`export::export`]: an image's root filesystem written into a directory.
 //! - [`mount::mount`]: a read-only FUSE mount served from the bundle header on.
 //! - [`trace`]: start-up traces recorded by the mount, sent to the gateway.
+//! - [`snapshotter`]: the containerd snapshotter; [`containerd`]: containerd's API and the pull
+//!   of a Starlight image into containerd.
 
 pub mod client;
+pub mod containerd;
 pub mod export;
 pub mod fs;
 pub mod mount;
 pub mod pull;
+pub mod snapshotter;
 pub mod store;
 pub mod trace;
 

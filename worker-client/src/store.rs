@@ -393,6 +393,26 @@ impl Store {
     /// contents removed and their bytes.
     pub fn gc(&self) -> Result<(u64, u64), StoreError> {
         let _lock = self.lock_exclusive()?;
+        self.gc_locked()
+    }
+
+    /// [`Store::gc`] when no pull or mount holds the store; `None` (and nothing done) when one does.
+    pub fn try_gc(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        match self.lock(libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(_lock) => self.gc_locked().map(Some),
+            Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops the resume state of an unfinished pull of `r` (its contents go at the next gc).
+    pub fn forget_partial(&self, r: &Reference) {
+        let _ = std::fs::remove_file(self.partial_path(r));
+    }
+
+    fn gc_locked(&self) -> Result<(u64, u64), StoreError> {
         let mut live = std::collections::HashSet::new();
         for m in self.images()? {
             let d: Digest = m.digest.parse().map_err(|e| StoreError::Corrupt {

@@ -1,62 +1,20 @@
 //! `starlight-pull` end to end: a real registry, the gateway in front of it, the worker binary, and
 //! FUSE. What the worker exports must equal `umoci unpack` of the same image.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use starlight_conformance::fstree::{Options, assert_same_tree};
-use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::{corpus, umoci_unpack};
 use starlight_conformance::servers::Registry;
 use starlight_conformance::throttle::Throttle;
-use starlight_converter::index::{AnyIndex, RedbIndex};
-use starlight_converter::store::{AnyStore, LocalStore};
 use starlight_format::Digest;
-use starlight_gateway::starlight::Backends;
-use tokio::net::TcpListener;
+
+mod common;
+use common::{Gw, is_mounted, lines, push, signal};
 
 const PULL: &str = env!("CARGO_BIN_EXE_starlight-pull");
-
-/// A gateway in this process, on local storage under `dir`.
-struct Gw {
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), String>>,
-}
-
-impl Gw {
-    async fn start(registry: &Registry, dir: &Path) -> Gw {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = starlight_gateway::Config {
-            upstream: format!("http://{}", registry.addr()),
-            listen: addr,
-            upstream_timeout: 30.0,
-            work_dir: Some(dir.to_path_buf()),
-            ..starlight_gateway::Config::default()
-        };
-        let backends = Backends {
-            store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
-            index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(starlight_gateway::run_with(listener, config, Some(backends), async {
-            let _ = rx.await;
-        }));
-        Gw { addr, stop: Some(tx), task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
 
 fn pull_cmd(gateway: &str, store: &Path) -> Command {
     let mut c = Command::new(PULL);
@@ -99,22 +57,6 @@ fn corpus_in_registry(tags: &[&str]) -> (tempfile::TempDir, Registry, PathBuf) {
     corpus(&layout);
     push(&layout, &registry, "corpus", tags);
     (dir, registry, layout)
-}
-
-/// Sends `sig` to a child of ours.
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill on the pid of our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0, "kill {}", child.id());
-}
-
-fn push(layout: &Path, registry: &Registry, name: &str, tags: &[&str]) {
-    for tag in tags {
-        skopeo_copy(
-            &format!("oci:{}:{tag}", layout.display()),
-            &format!("docker://{}/{name}:{tag}", registry.addr()),
-            None,
-        );
-    }
 }
 
 /// Every content in the store hashes to its name.
@@ -293,25 +235,8 @@ async fn content_tampered_with_in_the_gateway_store_is_rejected() {
     gw.stop().await;
 }
 
-/// Reads the mount's stdout lines as they come.
-fn lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    rx
-}
-
 fn run_in(root: &Path, argv: &[&str]) -> Output {
     Command::new("chroot").arg(root).args(argv).output().unwrap()
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    m.lines().any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,20 @@ struct Cli {
     /// Platform of an image index to pull (os/arch[/variant]); the gateway's by default.
     #[arg(long, global = true)]
     platform: Option<String>,
+    /// Pull into containerd at this socket instead of the store: the image gets its record and a
+    /// snapshot served by the Starlight snapshotter, and `ctr run --snapshotter starlight` runs it
+    /// while its bundle streams.
+    #[arg(long, global = true, value_name = "SOCKET")]
+    containerd: Option<PathBuf>,
+    /// containerd namespace (with --containerd).
+    #[arg(long, global = true, env = "CONTAINERD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The name containerd knows the Starlight snapshotter by (with --containerd).
+    #[arg(long, global = true, default_value = "starlight")]
+    snapshotter: String,
+    /// The containerd image name (with --containerd); GATEWAY_HOST/NAME:TAG by default.
+    #[arg(long, global = true)]
+    name: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -141,7 +155,17 @@ fn main() {
 /// `starlight-pull [OPTIONS] IMAGE` means `starlight-pull [OPTIONS] pull IMAGE`.
 fn with_default_command(mut args: Vec<String>) -> Vec<String> {
     const COMMANDS: &[&str] = &["pull", "export", "list", "rm", "gc", "mount", "trace", "help"];
-    const TAKE_VALUE: &[&str] = &["--gateway", "--store", "--user", "--platform", "--stall-timeout"];
+    const TAKE_VALUE: &[&str] = &[
+        "--gateway",
+        "--store",
+        "--user",
+        "--platform",
+        "--stall-timeout",
+        "--containerd",
+        "--namespace",
+        "--snapshotter",
+        "--name",
+    ];
     let mut i = 1;
     while i < args.len() {
         let a = args[i].as_str();
@@ -183,6 +207,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let (Some(sock), Cmd::Pull { image }) = (&cli.containerd, &cli.cmd) {
+        return containerd_pull(&cli, sock, image);
+    }
+    if cli.containerd.is_some() {
+        bail!("--containerd goes with a pull only (starlight-pull --containerd SOCKET IMAGE)");
+    }
     let store = Store::open(&cli.store)?;
     match &cli.cmd {
         Cmd::Pull { image } => pull_cmd(&cli, &store, image),
@@ -264,12 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         res = async { pulled.as_mut().unwrap().await }, if pulled.is_some() => {
                             pulled = None;
                             match res {
-                                Ok(Some(Ok(rep))) => println!(
-                                    "pulled {r}: {} contents, {:.1} MiB in {:.2}s",
-                                    rep.stats.contents,
-                                    mib(rep.stats.content_bytes),
-                                    rep.elapsed.as_secs_f64()
-                                ),
+                                Ok(Some(Ok(rep))) => println!("{}", summary(&r, &rep)),
                                 Ok(Some(Err(e))) => eprintln!("starlight-pull: error: pull of {r} failed: {e}"),
                                 _ => println!("{r} is whole in the store"),
                             }
@@ -311,6 +336,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn containerd_pull(cli: &Cli, socket: &std::path::Path, image: &str) -> anyhow::Result<()> {
+    let r = reference(image)?;
+    let gw = gateway(cli)?;
+    let target = starlight_worker::containerd::pull::Target {
+        socket: socket.to_path_buf(),
+        namespace: cli.namespace.clone(),
+        snapshotter: cli.snapshotter.clone(),
+        name: cli.name.clone(),
+        platform: cli.platform.clone(),
+    };
+    let t = Instant::now();
+    let p = runtime()?
+        .block_on(starlight_worker::containerd::pull::pull(&gw, &r, &target))
+        .map_err(|e| anyhow::anyhow!("pull of {r} into containerd: {e}"))?;
+    println!(
+        "{} {} ({}) into containerd as {} in {:.2}s: snapshot {} by {}{}",
+        if p.present { "found" } else { "pulled" },
+        r,
+        p.manifest,
+        p.name,
+        t.elapsed().as_secs_f64(),
+        p.chain_id,
+        cli.snapshotter,
+        if p.present { ", present already" } else { "; its contents stream in the snapshotter" }
+    );
+    Ok(())
+}
+
 fn pull_cmd(cli: &Cli, store: &Store, image: &str) -> anyhow::Result<()> {
     let r = reference(image)?;
     let gw = gateway(cli)?;
@@ -328,9 +381,15 @@ fn pull_cmd(cli: &Cli, store: &Store, image: &str) -> anyhow::Result<()> {
         println!("{r}: {} is whole in the store", rep.digest);
         return Ok(());
     }
+    println!("{}", summary(&r, &rep));
+    Ok(())
+}
+
+/// One line on a finished pull: what came, how much of it on the wire, how fast.
+fn summary(r: &Reference, rep: &starlight_worker::Report) -> String {
     let s = &rep.stats;
     let secs = rep.elapsed.as_secs_f64().max(1e-3);
-    println!(
+    format!(
         "pulled {r} ({}): {} contents, {:.1} MiB ({} patched, {} held already) from {:.1} MiB on the wire in {:.2}s, {:.1} MiB/s",
         rep.digest,
         s.contents,
@@ -340,6 +399,5 @@ fn pull_cmd(cli: &Cli, store: &Store, image: &str) -> anyhow::Result<()> {
         mib(s.wire_bytes),
         secs,
         mib(s.content_bytes) / secs
-    );
-    Ok(())
+    )
 }
