@@ -3,7 +3,9 @@
 # real Debian-based image (debootstrap + apt, cached), pushes it and its security update with skopeo
 # to a docker-registry on loopback, converts the image with starlight-convert, then puts
 # starlight-gateway in front of the registry and fetches a fresh delta bundle of the image and an
-# update bundle (the update converted on demand), prints what each carried, and stops everything.
+# update bundle (the update converted on demand), prints what each carried. Then the worker pulls,
+# exports, updates and mounts the image, and a private containerd with starlight-snapshotter runs
+# both versions with `ctr run` and garbage-collects them. It stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (debootstrap, chroot)" >&2; exit 1; }
@@ -32,7 +34,21 @@ docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 registry_pid=$!
 gateway_pid=
 mount_pid=
-trap 'st=$?; kill $mount_pid $gateway_pid "$registry_pid" 2>/dev/null; wait $mount_pid $gateway_pid "$registry_pid" 2>/dev/null || true; rm -rf "$work"; exit $st' EXIT
+containerd_pid=
+snapshotter_pid=
+# The snapshotter's mount processes outlive it by design: find them by their mount points.
+# (The pattern's brackets keep grep from finding itself.)
+snapshot_mounts() { grep -l -s -a "$work/snap/snapshot[s]" /proc/[0-9]*/cmdline | cut -d/ -f3 || true; }
+cleanup() {
+  kill $mount_pid $snapshotter_pid $containerd_pid $gateway_pid "$registry_pid" 2>/dev/null || true
+  local m; m=$(snapshot_mounts)
+  [ -z "$m" ] || kill $m 2>/dev/null || true
+  wait $mount_pid $snapshotter_pid $containerd_pid $gateway_pid "$registry_pid" 2>/dev/null || true
+  sleep 0.5
+  grep " $work/" /proc/self/mountinfo | cut -d' ' -f5 | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  rm -rf "$work"
+}
+trap 'st=$?; cleanup; exit $st' EXIT
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 
 for tag in app app-v2; do
@@ -86,3 +102,44 @@ for _ in $(seq 100); do grep -q '^mounted' "$work/mount.log" 2>/dev/null && brea
 echo "   $(chroot "$work/mnt" /usr/bin/redis-server --version | cut -c1-40)"
 kill -TERM "$mount_pid"; wait "$mount_pid"; mount_pid=
 cat "$work/mount.log" | sed 's/^/   /'
+
+# containerd: the snapshotter serves Starlight images; `ctr run` starts them while they stream.
+echo "== containerd + starlight-snapshotter: pull demo/redis:app into containerd, ctr run it"
+csock="$work/containerd/containerd.sock"
+ssock="$work/snap.sock"
+mkdir -p "$work/containerd"
+cat >"$work/containerd/config.toml" <<TOML
+version = 2
+root = "$work/containerd/root"
+state = "$work/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$csock"
+[ttrpc]
+  address = "$csock.ttrpc"
+[proxy_plugins]
+  [proxy_plugins.starlight]
+    type = "snapshot"
+    address = "$ssock"
+TOML
+target/debug/starlight-snapshotter --gateway "http://127.0.0.1:$gport" --root "$work/snap" --socket "$ssock" \
+  >"$work/snapshotter.log" 2>&1 &
+snapshotter_pid=$!
+containerd --config "$work/containerd/config.toml" >"$work/containerd.log" 2>&1 &
+containerd_pid=$!
+for _ in $(seq 100); do ctr --address "$csock" version >/dev/null 2>&1 && [ -S "$ssock" ] && break; sleep 0.1; done
+ctrc() { ctr --address "$csock" "$@"; }
+$pull --gateway "http://127.0.0.1:$gport" --containerd "$csock" demo/redis:app
+echo "   $(ctrc run --rm --snapshotter starlight "127.0.0.1:$gport/demo/redis:app" demo /usr/bin/redis-server --version | cut -c1-40)"
+pulled() { cat "$work"/snap/snapshots/*/mount.log 2>/dev/null | grep -c '^pulled' || true; }
+for _ in $(seq 600); do [ "$(pulled)" = 1 ] && break; sleep 0.1; done
+echo "== the update, once demo/redis:app is whole: only the delta travels"
+$pull --gateway "http://127.0.0.1:$gport" --containerd "$csock" demo/redis:app-v2
+echo "   $(ctrc run --rm --snapshotter starlight "127.0.0.1:$gport/demo/redis:app-v2" demo2 /bin/cat /etc/debian_version)"
+ctrc images ls -q | sed 's/^/   image: /'
+for _ in $(seq 600); do [ "$(pulled)" = 2 ] && break; sleep 0.1; done
+cat "$work"/snap/snapshots/*/mount.log | grep '^pulled' | sed 's/^/   /'
+echo "== removing both images: containerd's GC removes their snapshots, the snapshotter their mounts and contents"
+ctrc images rm --sync "127.0.0.1:$gport/demo/redis:app" "127.0.0.1:$gport/demo/redis:app-v2" >/dev/null
+for _ in $(seq 100); do [ -z "$(ls -A "$work/snap/store/contents/sha256")" ] && [ -z "$(snapshot_mounts)" ] && break; sleep 0.1; done
+echo "   contents left in the snapshotter's store: $(ls "$work/snap/store/contents/sha256" | wc -l); mount processes: $(snapshot_mounts | wc -w)"
