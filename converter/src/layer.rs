@@ -368,7 +368,8 @@ fn parse_tar(
     writes: &Sender<WriteItem>,
     bad: &dyn Fn(Option<&[u8]>, String) -> ConvertError,
 ) -> Result<Vec<Entry>, ConvertError> {
-    let mut archive = tar::Archive::new(input);
+    // Huge PAX headers and GNU long names are refused before the parser reads them into memory.
+    let mut archive = tar::Archive::new(crate::guard::MetaGuard::new(input));
     let iter = archive.entries().map_err(|e| bad(None, format!("reading tar: {e}")))?;
     let mut entries: Vec<Entry> = Vec::new();
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
@@ -605,7 +606,66 @@ fn parse_pax_time(s: &str) -> Result<(i64, u32), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_pax_time;
+    use std::io::Read;
+
+    use super::{Compression, Expect, Options, convert_layer, parse_pax_time};
+
+    /// A tar of `n` empty files, generated as it is read (a million headers are 512 MB).
+    struct EmptyFiles {
+        n: u64,
+        next: u64,
+        block: [u8; 512],
+        pos: usize,
+        trailer: usize,
+    }
+
+    impl Read for EmptyFiles {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.pos == 512 {
+                if self.next < self.n {
+                    let mut h = tar::Header::new_old();
+                    let name = format!("d{}/f{}", self.next / 1000, self.next % 1000);
+                    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+                    h.set_size(0);
+                    h.set_mode(0o644);
+                    h.set_uid(0);
+                    h.set_gid(0);
+                    h.set_mtime(0);
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_cksum();
+                    self.block.copy_from_slice(h.as_bytes());
+                    self.next += 1;
+                } else if self.trailer < 2 {
+                    self.block = [0; 512];
+                    self.trailer += 1;
+                } else {
+                    return Ok(0);
+                }
+                self.pos = 0;
+            }
+            let k = buf.len().min(512 - self.pos);
+            buf[..k].copy_from_slice(&self.block[self.pos..self.pos + k]);
+            self.pos += k;
+            Ok(k)
+        }
+    }
+
+    #[test]
+    fn a_million_empty_files_is_the_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let expect =
+            Expect { name: "many".into(), compression: Compression::None, digest: None, diff_id: None };
+        let opts = Options::default();
+        assert_eq!(opts.max_entries, 1_000_000);
+        let files = |n| EmptyFiles { n, next: 0, block: [0; 512], pos: 512, trailer: 0 };
+        let e = convert_layer(files(1_000_001), &expect, &opts, tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("layer many") && e.contains("more than 1000000 entries in one layer"), "{e}");
+        // Up to the limit they are taken: all the same (empty) content, one entry each.
+        let small = Options { max_entries: 50_000, ..Options::default() };
+        let ok = convert_layer(files(50_000), &expect, &small, tmp.path()).unwrap();
+        assert_eq!(ok.toc.entries.len(), 50_000);
+        assert!(ok.contents.len() <= 1, "{} contents for empty files", ok.contents.len());
+    }
 
     #[test]
     fn pax_times() {

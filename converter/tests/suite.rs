@@ -186,6 +186,33 @@ async fn bad_input_publishes_nothing(b: &Backend) {
         raw_entry(&mut t, name, kind, b"x");
         finish(t)
     };
+    // A metadata header (PAX `x`, GNU long name `L`) declaring `size` bytes, then `data`.
+    let meta = |kind: u8, size: u64, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.extend_from_slice(data);
+        t.resize(t.len().div_ceil(512) * 512, 0);
+        t
+    };
+    let huge = |kind| {
+        let mut t = Vec::new();
+        raw_entry(&mut t, b"ok", b'0', b"fine\n");
+        t.extend(meta(kind, 8 << 30, &[b'a'; 4096]));
+        finish(t)
+    };
+    // 10,000 nested directories: a 20 KB path in a GNU long name.
+    let nested = {
+        let mut name = "a/".repeat(10_000).into_bytes();
+        name.extend_from_slice(b"deep");
+        let mut t = meta(b'L', name.len() as u64, &name);
+        raw_entry(&mut t, b"placeholder", b'0', b"x");
+        finish(t)
+    };
     let dup = {
         let mut t = Vec::new();
         raw_entry(&mut t, b"a", b'0', b"1");
@@ -228,6 +255,9 @@ async fn bad_input_publishes_nothing(b: &Backend) {
             "entry \"link\": hardlink target: invalid path \"../../etc/shadow\"",
         ),
         plain("duplicate", dup, "entry \"./a\": duplicate path"),
+        plain("huge-pax", huge(b'x'), "a PAX extended header of 8589934592 bytes (the limit is 1048576)"),
+        plain("huge-long-name", huge(b'L'), "a GNU long name of 8589934592 bytes"),
+        plain("nested", nested, "longer than 4096 bytes"),
         plain("bad-header", corrupt_header, "corrupt tar header (after entry \"ok\")"),
         Case {
             name: "truncated-gz",

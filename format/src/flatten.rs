@@ -267,6 +267,31 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_parent_never_redirects_an_entry() {
+        // Hostile layers: an entry "under" a symlink that points outside the image, in the same
+        // layer and in a later one. The symlink gives way to a directory, as a name that must be
+        // a directory; nothing is written through it.
+        for target in ["/etc", "../../../../etc", "."] {
+            let l1 = toc(vec![e("escape", Kind::Symlink { target: target.as_bytes().to_vec() })]);
+            let l2 = toc(vec![file("escape/passwd", "owned")]);
+            assert_eq!(
+                flat(&[l1.clone(), l2]),
+                vec![("escape".into(), "dir".into()), ("escape/passwd".into(), h("owned"))],
+                "{target}"
+            );
+            let same = toc(vec![
+                e("escape", Kind::Symlink { target: target.as_bytes().to_vec() }),
+                file("escape/shadow", "owned"),
+            ]);
+            assert_eq!(
+                flat(&[same]),
+                vec![("escape".into(), "dir".into()), ("escape/shadow".into(), h("owned"))],
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
     fn directories_merge_and_take_the_upper_metadata() {
         let l1 = toc(vec![dir("d"), file("d/a", "a")]);
         let mut upper = dir("d");
