@@ -9,8 +9,10 @@
 
 mod containerd;
 mod process;
+pub mod token;
 
 pub use containerd::Containerd;
+pub use token::{TokenServer, User};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -270,6 +272,11 @@ impl Registry {
     /// A registry that requires HTTP basic authentication as `user`/`pass`.
     pub fn start_with_htpasswd(user: &str, pass: &str) -> Registry {
         Self::start_inner(Some((user, pass)), "")
+    }
+
+    /// A registry that takes bearer tokens from `tokens` (the Docker token flow).
+    pub fn start_with_token(tokens: &TokenServer) -> Registry {
+        Self::start_inner(None, &tokens.registry_auth_config())
     }
 
     /// A registry that POSTs its notifications (pushes, pulls) to `url` with

@@ -7,11 +7,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::bundle::{fetch, fetch_with, materialize};
+use common::bundle::{fetch, fetch_as, fetch_with, materialize};
 use starlight_conformance::fstree::{Options, assert_same_tree};
 use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::umoci_unpack;
-use starlight_conformance::servers::{Redis, Registry, S3Server};
+use starlight_conformance::servers::{Redis, Registry, S3Server, TokenServer, User};
 use starlight_converter::index::{AnyIndex, RedbIndex, RedisIndex};
 use starlight_converter::store::{AnyStore, LocalStore, S3Store};
 use starlight_format::Digest;
@@ -225,6 +225,89 @@ async fn unauthorized_callers_get_the_registrys_challenge() {
     let lead: Vec<Digest> = again.header.contents.iter().take(3).map(|c| c.digest).collect();
     assert_eq!(lead, vec![by_path("dup/a"), by_path("data/big2"), by_path("etc/hosts")]);
     assert_eq!(again.order[..3], lead[..], "contents arrive in the header's order");
+    gw.stop().await;
+}
+
+/// A bearer token from `tokens` for `user` with `scope` (`repository:NAME:ACTIONS`), the way
+/// Docker clients get one.
+async fn token(tokens: &TokenServer, user: &str, password: &str, scope: &str) -> String {
+    let url = format!(
+        "{}?service={}&scope={scope}",
+        tokens.realm(),
+        starlight_conformance::servers::token::SERVICE
+    );
+    let r = common::http().get(url).basic_auth(user, Some(password)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_token_service_callers_get_only_their_repositories() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(vec![
+        User::new("admin", "admin-pw", &[("*", &["pull", "push"])]),
+        User::new("alice", "alice-pw", &[("team-a/app", &["pull"])]),
+        User::new("bob", "bob-pw", &[("team-a/app", &["pull", "push"])]),
+    ]);
+    let registry = Registry::start_with_token(&tokens);
+    // Repository A holds v1, repository B holds v2 (which shares most contents with v1).
+    let layout = dir.path().join("layout");
+    starlight_conformance::layout::corpus(&layout);
+    for (tag, repo) in [("v1", "team-a/app"), ("v2", "team-b/app")] {
+        let (src, dest) =
+            (format!("oci:{}:{tag}", layout.display()), format!("docker://{}/{repo}:{tag}", registry.addr()));
+        skopeo_copy(&src, &dest, Some("admin:admin-pw"));
+    }
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let none = HashMap::new();
+    let bearer = |t: String| move |r: reqwest::RequestBuilder| r.bearer_auth(&t);
+
+    // No credentials, or a token for nothing: 401 with the registry's own challenge.
+    let r = fetch(&gw.url(), "team-a/app", "to=v1", None, None).await.unwrap_err();
+    assert_eq!(r.status, 401, "{}", r.body);
+    let challenge = r.headers["www-authenticate"].to_str().unwrap();
+    assert!(challenge.starts_with(&format!("Bearer realm=\"{}\"", tokens.realm())), "{challenge}");
+    let nothing = token(&tokens, "alice", "alice-pw", "repository:team-b/app:pull").await;
+    let r = fetch_as(&gw.url(), "team-b/app", "to=v2", None, &none, &bearer(nothing)).await.unwrap_err();
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(conversions(&gw).await, 0, "nothing converted for unauthorized callers");
+
+    // Alice, with her token for A: A's bundle. Her token opens nothing of B.
+    let alice = token(&tokens, "alice", "alice-pw", "repository:team-a/app:pull").await;
+    let a = fetch_as(&gw.url(), "team-a/app", "to=v1", None, &none, &bearer(alice.clone())).await.unwrap();
+    assert!(!a.contents.is_empty());
+    let r =
+        fetch_as(&gw.url(), "team-b/app", "to=v2", None, &none, &bearer(alice.clone())).await.unwrap_err();
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // B converted (by its admin), so its contents are in the index: naming it as `have` still gets
+    // Alice nothing of it. The `have` is ignored and A's bundle is the same as without it.
+    let admin =
+        token(&tokens, "admin", "admin-pw", "repository:team-b/app:pull&scope=repository:team-a/app:pull")
+            .await;
+    let b = fetch_as(&gw.url(), "team-b/app", "to=v2", None, &none, &bearer(admin.clone())).await.unwrap();
+    let have = format!("to=v1&have=team-b/app@{}", b.header.manifest_digest);
+    let a_have = fetch_as(&gw.url(), "team-a/app", &have, None, &none, &bearer(alice.clone())).await.unwrap();
+    assert_eq!(a_have.headers["starlight-have-ignored"], "1");
+    assert_eq!(a_have.headers["starlight-have-used"], "0");
+    let keys = |f: &common::bundle::Fetched| f.contents.keys().copied().collect::<HashSet<Digest>>();
+    assert_eq!(keys(&a_have), keys(&a), "a have Alice may not pull changed what she got");
+    assert_eq!(a_have.patched, 0);
+    // The same `have` from someone allowed on both is used.
+    // (Patches need their bases: this caller holds B's contents.)
+    let admin_have =
+        fetch_as(&gw.url(), "team-a/app", &have, None, &b.contents, &bearer(admin)).await.unwrap();
+    assert_eq!(admin_have.headers["starlight-have-used"], "1");
+    assert!(admin_have.contents.len() < a.contents.len());
+
+    // Trace upload needs push rights: Alice (pull) is refused, Bob (push) is heard.
+    let image = a.header.manifest_digest;
+    let url = format!("{}/v2/team-a/app/_starlight/traces?image={image}", gw.url());
+    let r = common::http().post(&url).bearer_auth(&alice).body("/etc/hosts\n").send().await.unwrap();
+    assert_eq!(r.status(), 401, "{}", r.text().await.unwrap());
+    let bob = token(&tokens, "bob", "bob-pw", "repository:team-a/app:pull,push").await;
+    let r = common::http().post(&url).bearer_auth(&bob).body("/etc/hosts\n").send().await.unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     gw.stop().await;
 }
 

@@ -52,19 +52,33 @@ pub async fn fetch_with(
     held: Option<&[Digest]>,
     holds: &HashMap<Digest, Vec<u8>>,
 ) -> Result<Fetched, Refused> {
+    let basic = creds.map(|(u, p)| move |r: reqwest::RequestBuilder| r.basic_auth(u, Some(p)));
+    fetch_as(base, name, query, held, holds, &|r| match &basic {
+        Some(f) => f(r),
+        None => r,
+    })
+    .await
+}
+
+/// [`fetch_with`], with `auth` adding the caller's credentials (a bearer token, say) to the request.
+pub async fn fetch_as(
+    base: &str,
+    name: &str,
+    query: &str,
+    held: Option<&[Digest]>,
+    holds: &HashMap<Digest, Vec<u8>>,
+    auth: &dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> Result<Fetched, Refused> {
     let url = format!("{base}/v2/{name}/_starlight/bundle?{query}");
     let client = super::http();
-    let mut req = match held {
+    let req = match held {
         Some(h) => {
             let body: String = h.iter().map(|d| format!("{d}\n")).collect();
             client.post(&url).body(body)
         }
         None => client.get(&url),
     };
-    if let Some((u, p)) = creds {
-        req = req.basic_auth(u, Some(p));
-    }
-    let resp = req.send().await.expect("bundle request");
+    let resp = auth(req).send().await.expect("bundle request");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     if status != 200 {
