@@ -57,10 +57,53 @@ pub fn describe(e: &reqwest::Error) -> String {
 #[derive(Clone, Debug)]
 pub struct Gateway {
     base: String,
-    /// `user:password` for HTTP Basic, passed on to the registry's checks.
+    /// `user:password` for HTTP Basic, passed on to the registry's checks, or traded for bearer
+    /// tokens when the registry behind the gateway uses a token service.
     credentials: Option<(String, String)>,
     http: reqwest::Client,
     stall: Duration,
+    /// Bearer tokens by repository, once the registry's challenge asked for them.
+    tokens: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+}
+
+/// The parameters of a `Bearer` challenge (`realm`, `service`, `scope`).
+fn bearer_challenge(h: &str) -> Option<std::collections::HashMap<String, String>> {
+    let rest = h.trim().strip_prefix("Bearer ").or_else(|| h.trim().strip_prefix("bearer "))?;
+    let mut out = std::collections::HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => value.extend(chars.next()),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = chars.by_ref().take_while(|c| *c != ',').collect::<String>().trim().to_string();
+        }
+        out.insert(key.trim().to_ascii_lowercase(), value);
+    }
+    out.contains_key("realm").then_some(out)
+}
+
+/// The repository a gateway URL is about (`/v2/<name>/_starlight/...`, `/v2/<name>/manifests/...`).
+fn repository_of(url: &str) -> Option<String> {
+    let path = url.split_once("/v2/")?.1;
+    let path = path.split('?').next()?;
+    ["/_starlight/", "/manifests/", "/blobs/"]
+        .iter()
+        .find_map(|m| path.find(m).map(|i| path[..i].to_string()))
 }
 
 /// Sent and ignored `have` images, as the gateway counted them.
@@ -93,7 +136,7 @@ impl Gateway {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
-        Ok(Gateway { base, credentials, http, stall: STALL_TIMEOUT })
+        Ok(Gateway { base, credentials, http, stall: STALL_TIMEOUT, tokens: Default::default() })
     }
 
     /// A body that stalls this long counts as cut (default [`STALL_TIMEOUT`]).
@@ -110,11 +153,49 @@ impl Gateway {
         &self.base
     }
 
-    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    fn auth(&self, req: reqwest::RequestBuilder, repo: Option<&str>) -> reqwest::RequestBuilder {
+        if let Some(t) = repo.and_then(|r| self.tokens.lock().unwrap().get(r).cloned()) {
+            return req.bearer_auth(t);
+        }
         match &self.credentials {
             Some((u, p)) => req.basic_auth(u, Some(p)),
             None => req,
         }
+    }
+
+    /// A token from the registry's token service for the challenge's scope, with our credentials
+    /// (anonymous without them).
+    async fn token(
+        &self,
+        url: &str,
+        challenge: &std::collections::HashMap<String, String>,
+    ) -> Result<String, ClientError> {
+        let realm = &challenge["realm"];
+        let mut req = self.http.get(realm).timeout(Duration::from_secs(60));
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        for k in ["service", "scope"] {
+            if let Some(v) = challenge.get(k) {
+                query.push((k, v));
+            }
+        }
+        req = req.query(&query);
+        if let Some((u, p)) = &self.credentials {
+            req = req.basic_auth(u, Some(p));
+        }
+        let refused = |why: String| ClientError::Http {
+            url: url.to_string(),
+            why: format!("token service {realm}: {why}"),
+        };
+        let resp = req.send().await.map_err(|e| refused(describe(&e)))?;
+        if !resp.status().is_success() {
+            return Err(refused(format!("answered {}", resp.status())));
+        }
+        let v: serde_json::Value = resp.json().await.map_err(|e| refused(describe(&e)))?;
+        v.get("token")
+            .or_else(|| v.get("access_token"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| refused("no token in its answer".into()))
     }
 
     async fn send(
@@ -122,11 +203,31 @@ impl Gateway {
         url: String,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp = self
-            .auth(req)
+        let repo = repository_of(&url);
+        let again = req.try_clone();
+        let mut resp = self
+            .auth(req, repo.as_deref())
             .send()
             .await
             .map_err(|e| ClientError::Http { url: url.clone(), why: describe(&e) })?;
+        // The registry behind the gateway uses a token service (Docker Hub, Harbor): trade the
+        // credentials for a token of the scope it asks for, and ask again once.
+        let challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_challenge);
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED
+            && let (Some(challenge), Some(again), Some(repo)) = (challenge, again, repo)
+        {
+            let token = self.token(&url, &challenge).await?;
+            self.tokens.lock().unwrap().insert(repo, token.clone());
+            resp = again
+                .bearer_auth(token)
+                .send()
+                .await
+                .map_err(|e| ClientError::Http { url: url.clone(), why: describe(&e) })?;
+        }
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -254,5 +355,26 @@ impl Gateway {
         let req = self.http.post(&url).body(body);
         let resp = self.send(url.clone(), req).await?;
         resp.json().await.map_err(|e| ClientError::Http { url, why: describe(&e) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenges_and_repositories() {
+        let c = bearer_challenge(
+            r#"Bearer realm="http://t:1/token",service="reg",scope="repository:a/b:pull,push",error="insufficient_scope""#,
+        )
+        .unwrap();
+        assert_eq!(c["realm"], "http://t:1/token");
+        assert_eq!(c["service"], "reg");
+        assert_eq!(c["scope"], "repository:a/b:pull,push");
+        assert!(bearer_challenge(r#"Basic realm="x""#).is_none());
+        assert!(bearer_challenge("Bearer service=x").is_none());
+        assert_eq!(repository_of("http://g/v2/a/b/_starlight/bundle?to=v1").as_deref(), Some("a/b"));
+        assert_eq!(repository_of("http://g/v2/x/manifests/v1").as_deref(), Some("x"));
+        assert_eq!(repository_of("http://g/v2/_starlight/notifications"), None);
     }
 }

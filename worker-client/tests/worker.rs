@@ -6,8 +6,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use starlight_conformance::fstree::{Options, assert_same_tree};
+use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::{corpus, umoci_unpack};
-use starlight_conformance::servers::Registry;
+use starlight_conformance::servers::{Registry, TokenServer, User};
 use starlight_conformance::throttle::Throttle;
 use starlight_format::Digest;
 
@@ -127,6 +128,39 @@ async fn pull_and_export_equal_umoci_unpack_and_updates_come_as_deltas() {
     std::fs::remove_dir_all(dir.path().join("v2")).unwrap();
     ok(&run(&gw.url(), &store, &["export", "corpus:v2", dir.path().join("v2").to_str().unwrap()]).await);
     assert_same_tree(&umoci_v2, &dir.path().join("v2"), opts);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_token_service_the_users_credentials_buy_the_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(vec![
+        User::new("admin", "admin-pw", &[("*", &["pull", "push"])]),
+        User::new("alice", "alice-pw", &[("corpus", &["pull"])]),
+    ]);
+    let registry = Registry::start_with_token(&tokens);
+    let layout = dir.path().join("layout");
+    corpus(&layout);
+    let (src, dest) =
+        (format!("oci:{}:v1", layout.display()), format!("docker://{}/corpus:v1", registry.addr()));
+    skopeo_copy(&src, &dest, Some("admin:admin-pw"));
+    let gw = Gw::start(&registry, &dir.path().join("gw")).await;
+    let store = dir.path().join("worker");
+
+    // Anonymous: the registry's token gives no access, and the pull says so.
+    let out = run(&gw.url(), &store, &["corpus:v1"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("answered 401"), "{err}");
+    // A wrong password: the token service refuses, and the pull names it.
+    let out = run(&gw.url(), &store, &["--user", "alice:wrong", "corpus:v1"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("token service {}", tokens.realm())), "{err}");
+    // Alice's credentials buy a token for `corpus`; the image is pulled whole and exports right.
+    ok(&run(&gw.url(), &store, &["--user", "alice:alice-pw", "corpus:v1"]).await);
+    let target = dir.path().join("v1");
+    ok(&run(&gw.url(), &store, &["export", "corpus:v1", target.to_str().unwrap()]).await);
+    let opts = Options { skip_root: true, skip_dir_mtimes: false };
+    assert_same_tree(&unpack(&layout, "v1", dir.path()), &target, opts);
     gw.stop().await;
 }
 
