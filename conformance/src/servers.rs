@@ -151,6 +151,8 @@ impl RedisCluster {
 pub struct S3Server {
     proc: Proc,
     port: u16,
+    /// Every pinned port, so that a restart listens where the first start did.
+    ports: Vec<(&'static str, u16)>,
     _dir: TempDir,
 }
 
@@ -172,7 +174,6 @@ impl S3Server {
     }
 
     pub fn start() -> S3Server {
-        let bin = Self::binary();
         let dir = tempdir("s3");
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap_or_else(|e| panic!("create {}: {e}", data.display()));
@@ -194,17 +195,24 @@ impl S3Server {
         ] {
             ports.push((flag, free_port()));
         }
+        let proc = Self::spawn(dir.path(), &ports);
+        S3Server { proc, port, ports, _dir: dir }
+    }
+
+    fn spawn(dir: &Path, ports: &[(&'static str, u16)]) -> Proc {
+        let bin = Self::binary();
+        let port = ports[0].1;
         let mut cmd = Command::new(bin);
-        cmd.current_dir(dir.path())
+        cmd.current_dir(dir)
             .arg("mini")
-            .arg(format!("-dir={}", data.display()))
+            .arg(format!("-dir={}", dir.join("data").display()))
             // Both flags, or it binds every interface.
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
             .args(["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg("-master.telemetry=false")
             // The default sockets are /tmp/seaweedfs-*-<port>.sock, outside the temp dir.
-            .arg(format!("-filer.localSocket={}", dir.path().join("filer.sock").display()))
-            .arg(format!("-s3.localSocket={}", dir.path().join("s3.sock").display()))
+            .arg(format!("-filer.localSocket={}", dir.join("filer.sock").display()))
+            .arg(format!("-s3.localSocket={}", dir.join("s3.sock").display()))
             .args(ports.iter().map(|(flag, p)| format!("-{flag}={p}")))
             // `weed mini` makes these the admin identity; requests must be signed with them.
             .env("AWS_ACCESS_KEY_ID", Self::ACCESS_KEY)
@@ -212,11 +220,35 @@ impl S3Server {
             .env_remove("S3_BUCKET")
             .env_remove("S3_TABLE_BUCKET")
             .env_remove("S3_EXTERNAL_URL");
-        let mut proc = Proc::spawn(format!("weed mini (s3 :{port})"), cmd, dir.path().join("weed.log"));
-        proc.wait_ready("answering HTTP on the S3 port", Duration::from_secs(30), || {
+        let mut proc = Proc::spawn(format!("weed mini (s3 :{port})"), cmd, dir.join("weed.log"));
+        proc.wait_ready("answering HTTP on the S3 port", Duration::from_secs(60), || {
             http_status(port, "/").is_some()
         });
-        S3Server { proc, port, _dir: dir }
+        proc
+    }
+
+    /// Stops the server (SIGKILL to its PID), as a crash; [`S3Server::restart`] brings it back on
+    /// the same ports with the same data.
+    pub fn stop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.proc = Self::spawn(self._dir.path(), &self.ports);
+    }
+
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel, nothing answers.
+    pub fn pause(&self) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.proc.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.proc.child.id() as i32, libc::SIGCONT) };
     }
 
     pub fn port(&self) -> u16 {

@@ -433,6 +433,62 @@ async fn a_debian_app_starts_with_its_program_its_loader_and_libraries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_slow_bundles_wait_with_s3_down_they_fail_clearly_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let layout = push_corpus(dir.path(), &registry, None);
+    let mut s3 = S3Server::start();
+    let redis = Redis::start();
+    let gw = gateway(&registry, dir.path(), s3_redis(&s3, &redis).await).await;
+    fetch(&gw.url(), "corpus", "to=v1", None, None).await.unwrap();
+
+    // Slow: the S3 server freezes for 3 s in the middle of v2's conversion; the SDK's bounded
+    // timeouts and retries outlast it and the bundle comes whole.
+    let url = gw.url();
+    let slow = tokio::spawn(async move { fetch(&url, "corpus", "to=v2", None, None).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s3.pause();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s3.resume();
+    let v2 = slow.await.unwrap().expect("v2 through a slow S3");
+    same_as_umoci(&unpack(&layout, "v2", dir.path()), &v2.header, &v2.contents, dir.path(), "v2");
+
+    // Down: a new image needs S3 (its conversion writes there). After bounded retries with backoff
+    // the caller gets 503 with an OCI error saying what failed, and nothing hangs.
+    s3.stop();
+    let layout3 = dir.path().join("layout3");
+    let layer = starlight_conformance::layout::Layer::new().file("etc/only-in-v3", b"new\n").finish();
+    starlight_conformance::layout::write_image(&layout3, "v3", &[layer], &["/bin/sh"]);
+    skopeo_copy(
+        &format!("oci:{}:v3", layout3.display()),
+        &format!("docker://{}/corpus:v3", registry.addr()),
+        None,
+    );
+    let started = Instant::now();
+    let refused = fetch(&gw.url(), "corpus", "to=v3", None, None).await.unwrap_err();
+    let took = started.elapsed();
+    eprintln!("bundle with S3 down answered {} in {took:?}: {}", refused.status, refused.body);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.body.contains("UNAVAILABLE") && refused.body.contains("S3"), "{}", refused.body);
+    assert!(took < Duration::from_secs(60), "retries must be bounded ({took:?})");
+
+    // Back: the same request succeeds.
+    s3.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match fetch(&gw.url(), "corpus", "to=v3", None, None).await {
+            Ok(b) => {
+                assert!(!b.contents.is_empty());
+                break;
+            }
+            Err(r) => assert!(Instant::now() < deadline, "no recovery: {} {}", r.status, r.body),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_bundles_get_503_the_pass_through_works_and_both_recover() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start();

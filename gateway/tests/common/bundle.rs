@@ -67,7 +67,7 @@ pub async fn fetch_as(
     query: &str,
     held: Option<&[Digest]>,
     holds: &HashMap<Digest, Vec<u8>>,
-    auth: &dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    auth: &(dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder + Sync),
 ) -> Result<Fetched, Refused> {
     let url = format!("{base}/v2/{name}/_starlight/bundle?{query}");
     let client = super::http();
