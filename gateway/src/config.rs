@@ -82,7 +82,7 @@ impl Default for Config {
             work_dir: None,
             cache_images: 64,
             bundle_read_ahead: 8 << 20,
-            bundle_memory: 128 << 20,
+            bundle_memory: 48 << 20,
             recompress_level: 9,
             recompress_workers: 2,
             otlp_endpoint: None,

@@ -39,7 +39,21 @@ struct Args {
     log_format: Option<String>,
 }
 
+/// glibc's malloc, tuned for a server with many short-lived buffers on many threads: few arenas
+/// (each thread otherwise keeps its own, and the conversion's and bundles' threads leave them full
+/// of freed memory), and large buffers (content chunks, batches) mapped and unmapped on their own
+/// instead of fragmenting the heap. Measured with `starlight-bench load` (bench/RESULTS.md).
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let args = Args::parse();
     let mut config = match &args.config {
         Some(p) => match Config::from_file(p) {
