@@ -68,33 +68,9 @@ pub struct Gateway {
 
 /// The parameters of a `Bearer` challenge (`realm`, `service`, `scope`).
 fn bearer_challenge(h: &str) -> Option<std::collections::HashMap<String, String>> {
-    let rest = h.trim().strip_prefix("Bearer ").or_else(|| h.trim().strip_prefix("bearer "))?;
-    let mut out = std::collections::HashMap::new();
-    let mut chars = rest.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        if key.is_empty() {
-            break;
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '"' => break,
-                    '\\' => value.extend(chars.next()),
-                    c => value.push(c),
-                }
-            }
-        } else {
-            value = chars.by_ref().take_while(|c| *c != ',').collect::<String>().trim().to_string();
-        }
-        out.insert(key.trim().to_ascii_lowercase(), value);
-    }
-    out.contains_key("realm").then_some(out)
+    let (scheme, params) = starlight_format::challenge::parse(h);
+    let params: std::collections::HashMap<String, String> = params.into_iter().collect();
+    (scheme.eq_ignore_ascii_case("bearer") && params.contains_key("realm")).then_some(params)
 }
 
 /// The repository a gateway URL is about (`/v2/<name>/_starlight/...`, `/v2/<name>/manifests/...`).

@@ -169,7 +169,7 @@ impl RegistrySource {
     }
 
     async fn answer_challenge(&self, challenge: &str, what: &str) -> Result<HeaderValue, ConvertError> {
-        let (scheme, params) = parse_challenge(challenge);
+        let (scheme, params) = starlight_format::challenge::parse(challenge);
         let creds = self.opts.credentials.as_ref();
         let basic = Credentials::basic_header;
         let header = |s: String| {
@@ -285,38 +285,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Parses `Scheme k="v",k2=v2` into the scheme and its parameters.
-fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
-    let h = h.trim();
-    let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
-    let mut params = Vec::new();
-    let mut chars = rest.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
-        if key.is_empty() || chars.next() != Some('=') {
-            break;
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => value.extend(chars.next()),
-                    '"' => break,
-                    c => value.push(c),
-                }
-            }
-        } else {
-            value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect();
-        }
-        params.push((key.trim().to_ascii_lowercase(), value));
-    }
-    (scheme.to_string(), params)
-}
-
 /// Standard base64 (with or without padding).
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let val = |c: u8| -> Option<u32> {
@@ -378,18 +346,6 @@ mod tests {
         assert!(base64_decode("Y").is_none());
         assert!(base64_decode("a$bc").is_none());
         assert!(Credentials::from_basic_header("Bearer x").is_none());
-    }
-
-    #[test]
-    fn challenges() {
-        let (s, p) = parse_challenge(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
-        );
-        assert_eq!(s, "Bearer");
-        assert_eq!(p[0], ("realm".into(), "https://auth.example/token".into()));
-        assert_eq!(p[2], ("scope".into(), "repository:a/b:pull,push".into()));
-        let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
-        assert_eq!((s.as_str(), p.len()), ("Basic", 1));
     }
 
     #[test]
