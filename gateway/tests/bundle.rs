@@ -432,6 +432,21 @@ async fn a_debian_app_starts_with_its_program_its_loader_and_libraries() {
     gw.stop().await;
 }
 
+/// Asks for `corpus?QUERY` until a whole bundle comes, for at most `limit`.
+async fn recovers(gw: &common::Gateway, query: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match fetch(&gw.url(), "corpus", query, None, None).await {
+            Ok(b) => {
+                assert!(!b.contents.is_empty());
+                return;
+            }
+            Err(r) => assert!(Instant::now() < deadline, "no recovery: {} {}", r.status, r.body),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_s3_slow_bundles_wait_with_s3_down_they_fail_clearly_and_recover() {
     let dir = tempfile::tempdir().unwrap();
@@ -474,17 +489,7 @@ async fn with_s3_slow_bundles_wait_with_s3_down_they_fail_clearly_and_recover() 
 
     // Back: the same request succeeds.
     s3.restart();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match fetch(&gw.url(), "corpus", "to=v3", None, None).await {
-            Ok(b) => {
-                assert!(!b.contents.is_empty());
-                break;
-            }
-            Err(r) => assert!(Instant::now() < deadline, "no recovery: {} {}", r.status, r.body),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    recovers(&gw, "to=v3", Duration::from_secs(60)).await;
     gw.stop().await;
 }
 
@@ -523,16 +528,6 @@ async fn with_redis_down_bundles_get_503_the_pass_through_works_and_both_recover
 
     // Redis comes back empty: the image is converted again and served.
     redis.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match fetch(&gw.url(), "corpus", "to=v1", None, None).await {
-            Ok(b) => {
-                assert!(!b.contents.is_empty());
-                break;
-            }
-            Err(r) => assert!(Instant::now() < deadline, "no recovery: {} {}", r.status, r.body),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    recovers(&gw, "to=v1", Duration::from_secs(30)).await;
     gw.stop().await;
 }

@@ -828,17 +828,22 @@ fn disk_usage(dir: &Path) -> (i64, i64) {
 mod tests {
     use super::*;
 
-    fn snapshotter() -> (tempfile::TempDir, Arc<Snapshotter>) {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = Config {
-            root: dir.path().to_path_buf(),
+    /// A snapshotter whose mounts cannot start (no such binary, no gateway).
+    fn config(root: &Path) -> Config {
+        Config {
+            root: root.to_path_buf(),
             gateway: "http://127.0.0.1:9".into(),
             credentials: None,
             platform: None,
             pull_bin: "/nonexistent/starlight-pull".into(),
             read_timeout: 5,
-        };
-        (dir, Snapshotter::open(cfg).unwrap())
+        }
+    }
+
+    fn snapshotter() -> (tempfile::TempDir, Arc<Snapshotter>) {
+        let dir = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(config(dir.path())).unwrap();
+        (dir, sn)
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -887,15 +892,7 @@ mod tests {
         assert!(sn.list(&["size==1".into()]).is_err());
         drop(sn);
         // Everything is there after a restart.
-        let cfg = Config {
-            root: dir.path().to_path_buf(),
-            gateway: "http://127.0.0.1:9".into(),
-            credentials: None,
-            platform: None,
-            pull_bin: "/nonexistent".into(),
-            read_timeout: 5,
-        };
-        let sn = Snapshotter::open(cfg).unwrap();
+        let sn = Snapshotter::open(config(dir.path())).unwrap();
         let names: Vec<String> = sn.list(&[]).unwrap().into_iter().map(|i| i.name).collect();
         assert_eq!(names, ["layer1", "layer2", "v"]);
         assert_eq!(sn.stat("layer2").unwrap().record.labels.get("x").map(String::as_str), Some("1"));
