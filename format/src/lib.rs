@@ -7,13 +7,13 @@
 //! - [`toc`]: [`Toc`], [`Entry`] and [`Kind`]: the table of contents of one converted layer.
 //! - [`bundle`]: the delta bundle stream: [`bundle::encode_header`], [`bundle::chunk_prefix`],
 //!   [`bundle::encode_trailer`], and the verifying sans-I/O [`bundle::Decoder`].
-//! - [`challenge`]: registries' `WWW-Authenticate` challenges.
+//! - [`auth`]: registries' `WWW-Authenticate` challenges, base64 for HTTP Basic.
 //! - [`flatten`]: applying layers with OCI semantics into one filesystem.
 //! - [`records`]: the index records ([`ContentLocation`], [`LayerRecord`], [`ImageRecord`]) and
 //!   the object-store keys.
 
+pub mod auth;
 pub mod bundle;
-pub mod challenge;
 pub mod digest;
 pub mod flatten;
 pub mod path;

@@ -68,7 +68,7 @@ pub struct Gateway {
 
 /// The parameters of a `Bearer` challenge (`realm`, `service`, `scope`).
 fn bearer_challenge(h: &str) -> Option<std::collections::HashMap<String, String>> {
-    let (scheme, params) = starlight_format::challenge::parse(h);
+    let (scheme, params) = starlight_format::auth::parse_challenge(h);
     let params: std::collections::HashMap<String, String> = params.into_iter().collect();
     (scheme.eq_ignore_ascii_case("bearer") && params.contains_key("realm")).then_some(params)
 }

@@ -1,6 +1,7 @@
 //! A small OCI distribution client: manifests and blobs, with anonymous, basic and bearer-token
 //! auth (the registry's `WWW-Authenticate` challenge decides which).
 
+use starlight_format::auth;
 use std::sync::Mutex;
 
 use futures::TryStreamExt;
@@ -28,7 +29,7 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// The `Authorization: Basic ...` value for these credentials.
     pub fn basic_header(&self) -> String {
-        format!("Basic {}", base64_encode(format!("{}:{}", self.username, self.password).as_bytes()))
+        format!("Basic {}", auth::base64_encode(format!("{}:{}", self.username, self.password).as_bytes()))
     }
 
     /// Reads the credentials of an `Authorization: Basic ...` value.
@@ -37,7 +38,7 @@ impl Credentials {
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
         }
-        String::from_utf8(base64_decode(b64.trim())?).ok()?.parse().ok()
+        String::from_utf8(auth::base64_decode(b64.trim())?).ok()?.parse().ok()
     }
 }
 
@@ -169,7 +170,7 @@ impl RegistrySource {
     }
 
     async fn answer_challenge(&self, challenge: &str, what: &str) -> Result<HeaderValue, ConvertError> {
-        let (scheme, params) = starlight_format::challenge::parse(challenge);
+        let (scheme, params) = starlight_format::auth::parse_challenge(challenge);
         let creds = self.opts.credentials.as_ref();
         let basic = Credentials::basic_header;
         let header = |s: String| {
@@ -285,56 +286,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Standard base64 (with or without padding).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        if chunk.len() == 1 {
-            return None;
-        }
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..chunk.len() - 1]);
-    }
-    Some(out)
-}
-
-/// Standard base64 with padding (for HTTP Basic auth; not worth a dependency).
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use starlight_format::auth;
 
     #[test]
     fn basic_headers_roundtrip() {
@@ -342,17 +297,10 @@ mod tests {
         assert_eq!(c.basic_header(), "Basic dXNlcjpwYTpzcw==");
         let back = Credentials::from_basic_header(&c.basic_header()).unwrap();
         assert_eq!((back.username.as_str(), back.password.as_str()), ("user", "pa:ss"));
-        assert_eq!(base64_decode("YWI").unwrap(), b"ab");
-        assert!(base64_decode("Y").is_none());
-        assert!(base64_decode("a$bc").is_none());
+        assert_eq!(auth::base64_decode("YWI").unwrap(), b"ab");
+        assert!(auth::base64_decode("Y").is_none());
+        assert!(auth::base64_decode("a$bc").is_none());
         assert!(Credentials::from_basic_header("Bearer x").is_none());
-    }
-
-    #[test]
-    fn base64() {
-        assert_eq!(base64_encode(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64_encode(b"a"), "YQ==");
-        assert_eq!(base64_encode(b"ab"), "YWI=");
     }
 
     #[test]
