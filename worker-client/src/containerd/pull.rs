@@ -213,14 +213,32 @@ pub async fn pull(gw: &Gateway, image: &Reference, t: &Target) -> Result<Pulled,
         .create(request(ns, None, CreateRequest { id: lease.clone(), labels: llabels }))
         .await
         .map_err(|e| status(&t.socket, "create a lease", &e))?;
-    let res =
-        in_lease(&ch, ns, &lease, gw, image, t, &docs, &chain, (&top_type, top_digest, top.len())).await;
+    let pieces = Pieces {
+        docs,
+        chain: chain.clone(),
+        starlight_ref: format!("{}@{manifest_digest}", image.name),
+        top: Descriptor {
+            media_type: top_type,
+            digest: top_digest.to_string(),
+            size: top.len() as i64,
+            annotations: HashMap::new(),
+        },
+    };
+    let res = in_lease(&ch, ns, &lease, gw, image, t, &pieces).await;
     let _ = leases.delete(request(ns, None, DeleteRequest { id: lease, sync: false })).await;
     let (name, present) = res?;
     Ok(Pulled { name, manifest: manifest_digest, chain_id: chain, present })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What goes into containerd: the documents, the snapshot and the image record's target.
+struct Pieces {
+    docs: Vec<Doc>,
+    chain: String,
+    /// `NAME@MANIFEST_DIGEST`, for the snapshotter's mount.
+    starlight_ref: String,
+    top: Descriptor,
+}
+
 async fn in_lease(
     ch: &Channel,
     ns: &str,
@@ -228,11 +246,9 @@ async fn in_lease(
     gw: &Gateway,
     image: &Reference,
     t: &Target,
-    docs: &[Doc],
-    chain: &str,
-    (top_type, top_digest, top_size): (&str, Digest, usize),
+    p: &Pieces,
 ) -> Result<(String, bool), String> {
-    let sock = &t.socket;
+    let (sock, docs, chain) = (&t.socket, &p.docs, p.chain.as_str());
     let mut content = ContentClient::new(ch.clone());
     for d in docs {
         put_content(&mut content, ns, lease, d).await.map_err(|e| status(sock, "store content", &e))?;
@@ -254,7 +270,7 @@ async fn in_lease(
         let key = format!("starlight-pull-{}-{chain}", now_nanos());
         let mut labels = HashMap::new();
         labels.insert(TARGET_LABEL.to_string(), chain.to_string());
-        labels.insert(IMAGE_LABEL.to_string(), format!("{}@{}", image.name, docs[docs.len() - 2].digest));
+        labels.insert(IMAGE_LABEL.to_string(), p.starlight_ref.clone());
         let req = PrepareSnapshotRequest {
             snapshotter: t.snapshotter.clone(),
             key: key.clone(),
@@ -285,12 +301,7 @@ async fn in_lease(
     let img = Image {
         name: name.clone(),
         labels: HashMap::new(),
-        target: Some(Descriptor {
-            media_type: top_type.to_string(),
-            digest: top_digest.to_string(),
-            size: top_size as i64,
-            annotations: HashMap::new(),
-        }),
+        target: Some(p.top.clone()),
         created_at: None,
         updated_at: None,
     };

@@ -374,7 +374,27 @@ impl Snapshotter {
             Err(e) => return SnapError::InvalidArgument(format!("label {IMAGE_LABEL}: {e}")),
         }
         let gate = self.starting.lock().unwrap().entry(target.to_string()).or_default().clone();
-        let _one = gate.lock().unwrap();
+        let err = {
+            let _one = gate.lock().unwrap();
+            self.mount_target(key, parent, image, target, labels)
+        };
+        // The last prepare of this target lets its gate go.
+        let mut starting = self.starting.lock().unwrap();
+        if Arc::strong_count(&gate) == 2 {
+            starting.remove(target);
+        }
+        err
+    }
+
+    /// [`Snapshotter::starlight`], one prepare of `target` at a time.
+    fn mount_target(
+        &self,
+        key: &str,
+        parent: &str,
+        image: &str,
+        target: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> SnapError {
         let id = {
             let snaps = self.snaps.lock().unwrap();
             if let Some(e) = existing_target(&snaps, target, parent) {
