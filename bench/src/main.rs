@@ -8,10 +8,15 @@
 //!   streaming throughput from the local store.
 //! - `load`: many workers pulling one unconverted image at once: one conversion, every tree
 //!   correct, time to first byte, gateway memory.
+//! - `wan`: real application images over an emulated WAN, pull start to ready line, Starlight
+//!   against containerd (see `sweep`); `wan-report` re-renders a run's table and plot.
+//! - `wan-check`: the emulated WAN's self-check: measured RTT and throughput against the settings.
 
 mod bundle;
 mod gateway;
 mod load;
+mod sweep;
+mod wan;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -120,6 +125,47 @@ enum Cmd {
         #[arg(long)]
         gateway_config: Option<PathBuf>,
     },
+    /// Application images over an emulated WAN: Starlight against containerd, fresh and update.
+    Wan {
+        /// A few images at one RTT, one round (within 10 minutes once the images are built).
+        #[arg(long)]
+        quick: bool,
+        /// The images (default: all ten; with --quick: redis, nginx, python).
+        #[arg(long, value_delimiter = ',')]
+        apps: Vec<String>,
+        /// Round-trip times, in milliseconds (with --quick: 150).
+        #[arg(long, value_delimiter = ',', default_value = "2,50,150,300")]
+        rtt: Vec<f64>,
+        /// Bandwidth, in Mbit/s.
+        #[arg(long, default_value_t = 100.0)]
+        mbit: f64,
+        /// Rounds per RTT (medians are reported; with --quick: 1).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Arms to run (default all: A B C D E).
+        #[arg(long, value_delimiter = ',')]
+        arms: Vec<sweep::Arm>,
+        /// Where the images are built and cached (scripts/bench-images.sh).
+        #[arg(long, default_value = "/var/tmp/starlight-bench-images")]
+        images: PathBuf,
+        /// Where wan.json, wan.md and wan.svg are written.
+        #[arg(long, default_value = "bench/out")]
+        out: PathBuf,
+    },
+    /// Renders the table and plot of a `wan` run again from its wan.json.
+    WanReport {
+        #[arg(long, default_value = "bench/out")]
+        out: PathBuf,
+    },
+    /// The emulated WAN's self-check at each RTT: RTT within 5%, TCP throughput within 10%.
+    WanCheck {
+        /// Round-trip times, in milliseconds.
+        #[arg(long, value_delimiter = ',', default_value = "2,50,150,300")]
+        rtt: Vec<f64>,
+        /// Bandwidth, in Mbit/s.
+        #[arg(long, default_value_t = 100.0)]
+        mbit: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -137,13 +183,70 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes, levels } => {
             bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes, &levels)
         }
+        Cmd::WanCheck { rtt, mbit } => wan_check(&rtt, mbit),
+        Cmd::Wan { quick, mut apps, mut rtt, mbit, mut rounds, mut arms, images, out } => {
+            if quick {
+                if apps.is_empty() {
+                    apps = ["redis", "nginx", "python"].map(String::from).to_vec();
+                }
+                rtt = vec![150.0];
+                rounds = 1;
+            }
+            if apps.is_empty() {
+                apps = ["redis", "memcached", "nginx", "postgres", "mariadb", "python", "node", "tomcat", "apache", "mosquitto"]
+                    .map(String::from)
+                    .to_vec();
+            }
+            if arms.is_empty() {
+                arms = sweep::Arm::ALL.to_vec();
+            }
+            sweep::run(sweep::Opts { apps, rtts_ms: rtt, mbit, rounds, images_dir: images, out, arms })
+        }
+        Cmd::WanReport { out } => {
+            let r: sweep::Report = serde_json::from_slice(&std::fs::read(out.join("wan.json"))?)?;
+            let (table, svg) = sweep::summarize(&r);
+            std::fs::write(out.join("wan.md"), &table)?;
+            std::fs::write(out.join("wan.svg"), svg)?;
+            println!("{table}");
+            Ok(())
+        }
     }
+}
+
+fn wan_check(rtts: &[f64], mbit: f64) -> anyhow::Result<()> {
+    let link = |ms: f64| wan::Link::new(std::time::Duration::from_secs_f64(ms / 1e3), (mbit * 1e6) as u64);
+    let w = wan::Wan::create("slbench", link(rtts[0]))?;
+    let mut failed = Vec::new();
+    for &ms in rtts {
+        w.set_link(link(ms));
+        if let Err(e) = w.self_check() {
+            println!("FAILED: {e:#}");
+            failed.push(ms);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the self-check failed at RTT {failed:?} ms");
+    }
+    Ok(())
 }
 
 struct Layer {
     digest: Digest,
     size: u64,
     path: PathBuf,
+}
+
+/// The image config of `tag` in an OCI layout.
+fn layout_config(layout: &Path, tag: &str) -> anyhow::Result<serde_json::Value> {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let desc = index["manifests"]
+        .as_array()
+        .and_then(|m| m.iter().find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == tag))
+        .with_context(|| format!("no tag {tag} in {}", layout.display()))?;
+    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(desc["digest"].as_str().unwrap_or("")))?)?;
+    Ok(serde_json::from_slice(&std::fs::read(blob(manifest["config"]["digest"].as_str().unwrap_or("")))?)?)
 }
 
 fn layers_of(layout: &Path, tag: &str) -> anyhow::Result<Vec<Layer>> {

@@ -31,6 +31,11 @@ struct Cli {
     /// Seconds a read may wait for a content still streaming before it fails (EIO).
     #[arg(long, default_value_t = 300)]
     read_timeout: u64,
+    /// Send each image's recorded start-up trace to the gateway when its mount stops (when the
+    /// image is removed): run the image once on a node with this flag, and later pulls of it
+    /// everywhere stream its contents in the order the container read them.
+    #[arg(long)]
+    upload_traces: bool,
     /// The `starlight-pull` binary that serves mounts; the one next to this binary by default.
     #[arg(long)]
     pull_bin: Option<PathBuf>,
@@ -71,6 +76,7 @@ fn run(cli: Cli) -> Result<(), String> {
         platform: cli.platform,
         pull_bin,
         read_timeout: cli.read_timeout,
+        upload_traces: cli.upload_traces,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -56,6 +56,8 @@ pub struct Config {
     pub pull_bin: PathBuf,
     /// Seconds a read of a content not arrived yet may wait before it fails.
     pub read_timeout: u64,
+    /// Mounts send the start-up trace they recorded to the gateway when they stop (profiling).
+    pub upload_traces: bool,
 }
 
 /// A refused or failed operation; the variant is the gRPC code containerd maps to its errors.
@@ -475,6 +477,7 @@ impl Snapshotter {
             .arg("--allow-other")
             .arg("--read-timeout")
             .arg(self.cfg.read_timeout.to_string())
+            .args(self.cfg.upload_traces.then_some("--upload-trace"))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -857,6 +860,7 @@ mod tests {
             platform: None,
             pull_bin: "/nonexistent/starlight-pull".into(),
             read_timeout: 5,
+            upload_traces: false,
         }
     }
 
