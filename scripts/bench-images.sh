@@ -47,7 +47,8 @@ recipe() {
     ENTRY=(/usr/share/tomcat10/bin/catalina.sh run) ;;
   apache) PKGS=apache2 READY="resuming normal operations"
     SETUP="ln -sf /dev/stderr /var/log/apache2/error.log"
-    ENTRY=(apache2ctl -D FOREGROUND) ;;
+    # /run is an empty tmpfs in a container: apache2ctl makes its lock directory in /run/lock.
+    ENTRY=(/bin/sh -c "mkdir -p /run/lock && exec apache2ctl -D FOREGROUND") ;;
   mosquitto) PKGS=mosquitto READY="running"
     ENTRY=(mosquitto -v) ;;
   *) die "unknown app $1 (known: ${ALL_APPS[*]})" ;;

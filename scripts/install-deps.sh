@@ -7,7 +7,7 @@ set -euo pipefail
 
 packages=(docker-registry redis-server redis-tools skopeo umoci debootstrap apache2-utils containerd runc
           tar gzip attr curl python3-venv ca-certificates fuse3 util-linux coreutils
-          protobuf-compiler libprotobuf-dev)
+          protobuf-compiler libprotobuf-dev iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

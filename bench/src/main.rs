@@ -139,9 +139,10 @@ enum Cmd {
         /// Bandwidth, in Mbit/s.
         #[arg(long, default_value_t = 100.0)]
         mbit: f64,
-        /// Rounds per RTT (medians are reported; with --quick: 1).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
+        /// Rounds per RTT (medians are reported; with --quick: 1): one number for all, or one per
+        /// RTT in the order of --rtt.
+        #[arg(long, value_delimiter = ',', default_value = "3")]
+        rounds: Vec<usize>,
         /// Arms to run (default all: A B C D E).
         #[arg(long, value_delimiter = ',')]
         arms: Vec<sweep::Arm>,
@@ -190,7 +191,7 @@ fn main() -> anyhow::Result<()> {
                     apps = ["redis", "nginx", "python"].map(String::from).to_vec();
                 }
                 rtt = vec![150.0];
-                rounds = 1;
+                rounds = vec![1];
             }
             if apps.is_empty() {
                 apps = ["redis", "memcached", "nginx", "postgres", "mariadb", "python", "node", "tomcat", "apache", "mosquitto"]
@@ -200,6 +201,10 @@ fn main() -> anyhow::Result<()> {
             if arms.is_empty() {
                 arms = sweep::Arm::ALL.to_vec();
             }
+            if rounds.len() == 1 {
+                rounds = vec![rounds[0]; rtt.len()];
+            }
+            anyhow::ensure!(rounds.len() == rtt.len(), "--rounds: one number, or one per RTT");
             sweep::run(sweep::Opts { apps, rtts_ms: rtt, mbit, rounds, images_dir: images, out, arms })
         }
         Cmd::WanReport { out } => {

@@ -24,6 +24,18 @@ use starlight_conformance::servers::{Containerd, Registry};
 use crate::wan::{Link, SERVER_ADDR, Wan};
 
 const NS: &str = "bench";
+
+/// Set by SIGINT or SIGTERM: the run stops after the current measurement and cleans up.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn stop_requested() -> Result<()> {
+    ensure!(!STOP.load(std::sync::atomic::Ordering::Relaxed), "interrupted");
+    Ok(())
+}
 const GW_PORT: u16 = 8080;
 /// Longest a measurement may take before it counts as failed.
 const ARM_TIMEOUT: Duration = Duration::from_secs(900);
@@ -55,7 +67,8 @@ pub struct Opts {
     pub apps: Vec<String>,
     pub rtts_ms: Vec<f64>,
     pub mbit: f64,
-    pub rounds: usize,
+    /// Per RTT.
+    pub rounds: Vec<usize>,
     pub images_dir: PathBuf,
     pub out: PathBuf,
     pub arms: Vec<Arm>,
@@ -75,10 +88,14 @@ pub struct Sample {
 pub struct Report {
     pub command: String,
     pub mbit: f64,
-    pub rounds: usize,
+    /// Per RTT.
+    pub rounds: Vec<usize>,
     pub self_checks: Vec<(f64, f64, f64, f64)>,
     pub images: Vec<ImageInfo>,
     pub samples: Vec<Sample>,
+    /// Measurements that failed, with their errors.
+    #[serde(default)]
+    pub failures: Vec<String>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -100,6 +117,10 @@ fn exe(name: &str) -> Result<PathBuf> {
 }
 
 pub fn run(o: Opts) -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench-images.sh");
     let st = Command::new("bash").arg(script).arg(&o.images_dir).args(&o.apps).status()?;
     ensure!(st.success(), "{script} failed");
@@ -149,6 +170,7 @@ pub fn run(o: Opts) -> Result<()> {
     let result = (|| -> Result<Report> {
         let mut images = Vec::new();
         for app in &o.apps {
+            stop_requested()?;
             for v in ["v1", "v2"] {
                 let src = format!("oci:{}:{app}-{v}", layout.display());
                 let dst = format!("docker://{}/bench/{app}:{v}", registry.addr());
@@ -157,19 +179,32 @@ pub fn run(o: Opts) -> Result<()> {
             images.push(prepare(&wan, &layout, &gw, app)?);
         }
         let mut samples = Vec::new();
-        for &ms in &o.rtts_ms {
+        let mut failures = Vec::new();
+        'sweep: for (&ms, &rounds) in o.rtts_ms.iter().zip(&o.rounds) {
             wan.set_link(link(ms));
             println!("\n== {} ==", wan.link());
-            for round in 0..o.rounds {
+            for round in 0..rounds {
                 for img in &images {
                     // Arms in a rotating order, so that no arm always follows the same one.
                     let n = o.arms.len();
                     for k in 0..n {
                         let arm = o.arms[(k + round) % n];
-                        let secs = measure(&wan, &gw, img, arm)
-                            .with_context(|| format!("arm {arm:?} of {} at RTT {ms} ms", img.app))?;
-                        println!("  round {round} {:<10} {arm:?} {secs:8.2} s", img.app);
-                        samples.push(Sample { rtt_ms: ms, app: img.app.clone(), arm, round, secs });
+                        if stop_requested().is_err() {
+                            // Interrupted: what was measured is still written, and says so.
+                            failures.push(format!("interrupted at RTT {ms} ms, round {round}, {}", img.app));
+                            break 'sweep;
+                        }
+                        // A failed measurement is reported and left out; the run goes on.
+                        match measure(&wan, &gw, img, arm) {
+                            Ok(secs) => {
+                                println!("  round {round} {:<10} {arm:?} {secs:8.2} s", img.app);
+                                samples.push(Sample { rtt_ms: ms, app: img.app.clone(), arm, round, secs });
+                            }
+                            Err(e) => {
+                                println!("  round {round} {:<10} {arm:?} FAILED: {e:#}", img.app);
+                                failures.push(format!("RTT {ms} ms, {} arm {arm:?}, round {round}: {e:#}", img.app));
+                            }
+                        }
                     }
                 }
             }
@@ -177,10 +212,11 @@ pub fn run(o: Opts) -> Result<()> {
         Ok(Report {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             mbit: o.mbit,
-            rounds: o.rounds,
+            rounds: o.rounds.clone(),
             self_checks: checks,
             images,
             samples,
+            failures,
         })
     })();
     let _ = gateway.kill();
@@ -402,7 +438,8 @@ impl<'a> WorkerSide<'a> {
 
     /// Waits until the mount of `app:tag` has its whole image (its summary line).
     fn wait_whole(&self, app: &str, tag: &str) -> Result<()> {
-        let want = format!("pulled bench/{app}:{tag}");
+        // The snapshotter mounts images by digest: the only image pulled so far is this one.
+        let want = format!("pulled bench/{app}");
         let t = Instant::now();
         loop {
             let mut logs = String::new();
@@ -559,10 +596,11 @@ pub fn summarize(r: &Report) -> (String, String) {
     let _ = writeln!(t, "\nArms: {}.", Arm::ALL.iter().map(|a| format!("{a:?} {}", a.what())).collect::<Vec<_>>().join("; "));
     let mut summary_rows = Vec::new();
     for &ms in &rtts {
+        let rounds = r.samples.iter().filter(|s| s.rtt_ms == ms).map(|s| s.round + 1).max().unwrap_or(0);
         let _ = writeln!(
             t,
-            "\nRTT {ms} ms, {} Mbit/s: seconds from pull start to ready line, median of {} rounds\n",
-            r.mbit, r.rounds
+            "\nRTT {ms} ms, {} Mbit/s: seconds from pull start to ready line, median of {rounds} round(s)\n",
+            r.mbit
         );
         let _ = writeln!(t, "| image | A | B | C | D | E | A/B | D/C | B before E |");
         let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
@@ -621,13 +659,19 @@ pub fn summarize(r: &Report) -> (String, String) {
     for (ms, rtt, udp, tcp) in &r.self_checks {
         let _ = writeln!(t, "| {ms} ms | {rtt:.2} ms | {udp:.1} | {tcp:.1} |");
     }
+    if !r.failures.is_empty() {
+        let _ = writeln!(t, "\nFailed measurements (left out above):\n");
+        for f in &r.failures {
+            let _ = writeln!(t, "- {}", f.lines().next().unwrap_or(""));
+        }
+    }
     let _ = writeln!(t, "\nCommand: `{}`", r.command);
     (t, plot(r, &rtts))
 }
 
 /// Mean seconds to ready over the images, per arm, against RTT.
 fn plot(r: &Report, rtts: &[f64]) -> String {
-    let (w, h, left, right, top, bottom) = (640.0, 400.0, 60.0, 170.0, 30.0, 50.0);
+    let (w, h, left, right, top, bottom) = (700.0, 400.0, 60.0, 230.0, 30.0, 50.0);
     let colors = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f"];
     let mut series = Vec::new();
     for &arm in &Arm::ALL {
