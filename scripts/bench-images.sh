@@ -61,7 +61,12 @@ source "$(dirname "$0")/lib-debian.sh"
 stamp_of() { # the recipe of a tag, as text; a change rebuilds the tag
   local tag=$1 app=${1%-v*}
   echo "recipe 1 of $tag"
-  if [[ $app != bookworm ]]; then recipe "$app"; declare -p PKGS SETUP USER_ ENV_ ENTRY READY; fi
+  if [[ $app != bookworm ]]; then
+    recipe "$app"; declare -p PKGS SETUP USER_ ENV_ ENTRY READY
+    # ... on the base it was built on: a rebuilt base rebuilds it.
+    cat "$OUTDIR/stamps/bookworm-${1##*-}" 2>/dev/null
+    umoci stat --image "$OCI:bookworm-${1##*-}" --json 2>/dev/null | head -c 300 || true
+  fi
 }
 have_tag() {
   [[ -f $OUTDIR/stamps/$1 && $(cat "$OUTDIR/stamps/$1") == "$(stamp_of "$1")" ]] \
@@ -77,6 +82,7 @@ done
 if ((need == 0)); then echo "cached: $OCI has ${APPS[*]} in v1 and v2"; exit 0; fi
 
 check_tools
+start_work
 find_mirrors
 debootstrap_cached
 [[ -d $OCI ]] || umoci init --layout "$OCI"

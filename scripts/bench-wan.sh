@@ -10,4 +10,5 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, TUN, containerd, FUSE, debootstrap)" >&2; exit 1; }
 bash scripts/install-deps.sh
 cargo build --release --locked -p starlight-bench -p starlight-gateway -p starlight-worker
-exec ./target/release/starlight-bench wan --out bench/wan "$@"
+case " $* " in *" --out "*|*" --out="*) out=() ;; *) out=(--out bench/wan) ;; esac
+exec ./target/release/starlight-bench wan "${out[@]}" "$@"

@@ -50,6 +50,7 @@ fi
 # shellcheck source=lib-debian.sh
 source "$(dirname "$0")/lib-debian.sh"
 check_tools
+start_work
 find_mirrors
 debootstrap_cached
 

@@ -1,6 +1,7 @@
 # Shared by scripts/debian-image.sh and scripts/bench-images.sh: building Debian bookworm OCI
-# images without Docker (debootstrap + chroot + umoci). Source it after setting OUTDIR; it sets
-# WORK (a temp dir under OUTDIR, removed on exit, never while something is mounted under it).
+# images without Docker (debootstrap + chroot + umoci). Source it after setting OUTDIR; then
+# check_tools, and start_work sets WORK (a temp dir under OUTDIR, removed on exit, never while
+# something is mounted under it).
 # shellcheck shell=bash
 
 SOURCES=/etc/apt/sources.list.d/debian.sources
@@ -44,9 +45,6 @@ write_update_sources() {
   done >"$1"
 }
 
-mkdir -p "$OUTDIR/cache"
-# Temp dir on the same filesystem as $OUTDIR so a final mv is a rename.
-WORK=$(mktemp -d "$OUTDIR/.build.XXXXXX")
 
 # Unmount everything below $WORK (deepest first). Used after each chroot step
 # and by the EXIT trap; a dir with a live /dev bind mount must never be rm -rf'd.
@@ -64,10 +62,15 @@ cleanup() {
   else
     rm -rf "$WORK"
   fi
-  ((rc == 0)) || echo "error: build failed (exit $rc); finished images are kept" >&2
+  ((rc == 0)) || echo "error: build failed (exit $rc)" >&2
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_work() {
+  mkdir -p "$OUTDIR/cache"
+  # Temp dir on the same filesystem as $OUTDIR so a final mv is a rename.
+  WORK=$(mktemp -d "$OUTDIR/.build.XXXXXX")
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+}
 
 # debootstrap --variant=minbase bookworm, cached as a tar in $CACHE. Tar keeps owners, xattrs
 # (file caps) and device nodes.

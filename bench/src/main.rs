@@ -150,15 +150,19 @@ enum Cmd {
         #[arg(long, default_value = "/var/tmp/starlight-bench-images")]
         images: PathBuf,
         /// Where wan.json, wan.md and wan.svg are written.
-        #[arg(long, default_value = "bench/out")]
+        #[arg(long, default_value = "bench/wan")]
         out: PathBuf,
     },
-    /// Renders the table and plot of a `wan` run again from its wan.json.
+    /// Renders the table and plot of a `wan` run again from its wan.json; with --merge, first adds
+    /// the measurements of other runs (other RTTs, other images) to it.
     WanReport {
-        #[arg(long, default_value = "bench/out")]
+        #[arg(long, default_value = "bench/wan")]
         out: PathBuf,
+        /// Result directories of other runs to merge into OUT/wan.json.
+        #[arg(long, value_delimiter = ',')]
+        merge: Vec<PathBuf>,
     },
-    /// The emulated WAN's self-check at each RTT: RTT within 5%, TCP throughput within 10%.
+    /// The emulated WAN's self-check at each RTT: RTT within 5%, link throughput within 10%.
     WanCheck {
         /// Round-trip times, in milliseconds.
         #[arg(long, value_delimiter = ',', default_value = "2,50,150,300")]
@@ -207,8 +211,19 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(rounds.len() == rtt.len(), "--rounds: one number, or one per RTT");
             sweep::run(sweep::Opts { apps, rtts_ms: rtt, mbit, rounds, images_dir: images, out, arms })
         }
-        Cmd::WanReport { out } => {
-            let r: sweep::Report = serde_json::from_slice(&std::fs::read(out.join("wan.json"))?)?;
+        Cmd::WanReport { out, merge } => {
+            let read = |d: &Path| -> anyhow::Result<sweep::Report> {
+                let p = d.join("wan.json");
+                serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("read {}", p.display()))?)
+                    .with_context(|| format!("parse {}", p.display()))
+            };
+            let mut r = read(&out)?;
+            for d in &merge {
+                r.merge(read(d)?);
+            }
+            if !merge.is_empty() {
+                std::fs::write(out.join("wan.json"), serde_json::to_vec_pretty(&r)?)?;
+            }
             let (table, svg) = sweep::summarize(&r);
             std::fs::write(out.join("wan.md"), &table)?;
             std::fs::write(out.join("wan.svg"), svg)?;
@@ -288,9 +303,11 @@ fn cpu_seconds() -> f64 {
     total
 }
 
+/// The median; of an even count, the mean of the two middle values.
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 0 { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
 }
 
 fn convert_bench(layout: &Path, tag: &str, rounds: usize, level: i32) -> anyhow::Result<()> {

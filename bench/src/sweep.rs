@@ -143,7 +143,7 @@ pub fn run(o: Opts) -> Result<()> {
     let gw_listen = format!("{SERVER_ADDR}:{GW_PORT}");
     let upstream = format!("http://{}", registry.addr());
     let gw_log = std::fs::File::create(work.path().join("gateway.log"))?;
-    let mut gateway = wan.server.run(|| {
+    let gateway = wan.server.run(|| {
         Command::new(&gw_bin)
             .args(["--upstream", &upstream, "--listen", &gw_listen, "--store"])
             .arg(work.path().join("gw-store"))
@@ -154,6 +154,8 @@ pub fn run(o: Opts) -> Result<()> {
             .stderr(gw_log)
             .spawn()
     })?;
+    // Killed however this function ends, panics included.
+    let mut gateway = KillOnDrop(gateway);
     let gw = format!("http://{gw_listen}");
     let server_ok = wan.server.run(|| {
         let t = Instant::now();
@@ -165,7 +167,11 @@ pub fn run(o: Opts) -> Result<()> {
         }
         true
     });
-    ensure!(server_ok, "the gateway did not listen on {gw_listen}");
+    ensure!(
+        server_ok,
+        "the gateway did not listen on {gw_listen}: {}",
+        std::fs::read_to_string(work.path().join("gateway.log")).unwrap_or_default()
+    );
 
     let result = (|| -> Result<Report> {
         let mut images = Vec::new();
@@ -185,7 +191,8 @@ pub fn run(o: Opts) -> Result<()> {
             println!("\n== {} ==", wan.link());
             for round in 0..rounds {
                 for img in &images {
-                    // Arms in a rotating order, so that no arm always follows the same one.
+                    // Each round starts with another arm (the cyclic order stays), so that no arm
+                    // always runs first on a fresh link.
                     let n = o.arms.len();
                     for k in 0..n {
                         let arm = o.arms[(k + round) % n];
@@ -219,8 +226,7 @@ pub fn run(o: Opts) -> Result<()> {
             failures,
         })
     })();
-    let _ = gateway.kill();
-    let _ = gateway.wait();
+    gateway.stop();
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -239,6 +245,21 @@ pub fn run(o: Opts) -> Result<()> {
     std::fs::write(o.out.join("wan.svg"), svg)?;
     println!("written: {0}/wan.json, {0}/wan.md, {0}/wan.svg", o.out.display());
     Ok(())
+}
+
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// The image's ready line and sizes; converts it and records its start-up traces (one run of v1
@@ -559,6 +580,23 @@ impl Drop for WorkerSide<'_> {
     }
 }
 
+impl Report {
+    /// Adds another run's measurements (its commands are kept, one per line).
+    pub fn merge(&mut self, other: Report) {
+        self.command = format!("{}` and `{}", self.command, other.command);
+        for i in other.images {
+            if !self.images.iter().any(|j| j.app == i.app) {
+                self.images.push(i);
+            }
+        }
+        self.rounds.extend(other.rounds);
+        self.self_checks.extend(other.self_checks);
+        self.self_checks.sort_by(|a, b| a.0.total_cmp(&b.0));
+        self.samples.extend(other.samples);
+        self.failures.extend(other.failures);
+    }
+}
+
 fn harmonic_mean(v: &[f64]) -> f64 {
     v.len() as f64 / v.iter().map(|x| 1.0 / x).sum::<f64>()
 }
@@ -665,22 +703,28 @@ pub fn summarize(r: &Report) -> (String, String) {
             let _ = writeln!(t, "- {}", f.lines().next().unwrap_or(""));
         }
     }
-    let _ = writeln!(t, "\nCommand: `{}`", r.command);
+    let _ = writeln!(t, "\nCommand(s): `{}`", r.command);
     (t, plot(r, &rtts))
 }
 
 /// Mean seconds to ready over the images, per arm, against RTT.
 fn plot(r: &Report, rtts: &[f64]) -> String {
-    let (w, h, left, right, top, bottom) = (700.0, 400.0, 60.0, 230.0, 30.0, 50.0);
+    let (w, h, left, right, top, bottom) = (700.0, 400.0, 60.0, 230.0, 40.0, 50.0);
     let colors = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f"];
     let mut series = Vec::new();
     for &arm in &Arm::ALL {
         let pts: Vec<(f64, f64)> = rtts
             .iter()
             .filter_map(|&ms| {
+                // Only images with a result in every arm, so that the curves compare alike.
                 let per_image: Vec<f64> = r
                     .images
                     .iter()
+                    .filter(|i| {
+                        Arm::ALL.iter().all(|&a| {
+                            r.samples.iter().any(|s| s.rtt_ms == ms && s.app == i.app && s.arm == a)
+                        })
+                    })
                     .filter_map(|i| {
                         let v: Vec<f64> = r
                             .samples
@@ -703,9 +747,9 @@ fn plot(r: &Report, rtts: &[f64]) -> String {
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Seconds from pull start to ready (mean over {} images, {} Mbit/s)</text>\n",
+         <text x=\"{0}\" y=\"16\" text-anchor=\"middle\" font-size=\"14\">Seconds from pull start to ready line, {1} Mbit/s</text>\n\
+         <text x=\"{0}\" y=\"30\" text-anchor=\"middle\" font-size=\"11\">at each RTT: mean over the images measured in every arm</text>\n",
         (w - right + left) / 2.0,
-        r.images.len(),
         r.mbit
     );
     svg += &format!(
@@ -727,11 +771,12 @@ fn plot(r: &Report, rtts: &[f64]) -> String {
     let mut s = 0.0;
     while s <= ymax {
         svg += &format!(
-            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{s}</text>\n",
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{4}</text>\n",
             y(s),
             w - right,
             left - 6.0,
-            y(s) + 4.0
+            y(s) + 4.0,
+            format!("{s:.*}", if step < 1.0 { 1 } else { 0 })
         );
         s += step;
     }
