@@ -198,9 +198,20 @@ fn main() -> anyhow::Result<()> {
                 rounds = vec![1];
             }
             if apps.is_empty() {
-                apps = ["redis", "memcached", "nginx", "postgres", "mariadb", "python", "node", "tomcat", "apache", "mosquitto"]
-                    .map(String::from)
-                    .to_vec();
+                apps = [
+                    "redis",
+                    "memcached",
+                    "nginx",
+                    "postgres",
+                    "mariadb",
+                    "python",
+                    "node",
+                    "tomcat",
+                    "apache",
+                    "mosquitto",
+                ]
+                .map(String::from)
+                .to_vec();
             }
             if arms.is_empty() {
                 arms = sweep::Arm::ALL.to_vec();

@@ -112,7 +112,11 @@ pub struct ImageInfo {
 
 fn exe(name: &str) -> Result<PathBuf> {
     let p = std::env::current_exe()?.with_file_name(name);
-    ensure!(p.exists(), "{} not found: build it (cargo build --release -p starlight-worker -p starlight-gateway)", p.display());
+    ensure!(
+        p.exists(),
+        "{} not found: build it (cargo build --release -p starlight-worker -p starlight-gateway)",
+        p.display()
+    );
     Ok(p)
 }
 
@@ -209,7 +213,10 @@ pub fn run(o: Opts) -> Result<()> {
                             }
                             Err(e) => {
                                 println!("  round {round} {:<10} {arm:?} FAILED: {e:#}", img.app);
-                                failures.push(format!("RTT {ms} ms, {} arm {arm:?}, round {round}: {e:#}", img.app));
+                                failures.push(format!(
+                                    "RTT {ms} ms, {} arm {arm:?}, round {round}: {e:#}",
+                                    img.app
+                                ));
                             }
                         }
                     }
@@ -270,9 +277,7 @@ fn prepare(wan: &Wan, layout: &Path, gw: &str, app: &str) -> Result<ImageInfo> {
         .as_str()
         .with_context(|| format!("{app}-v1 has no label org.starlight.bench.ready"))?
         .to_string();
-    let size = |tag: &str| -> Result<u64> {
-        Ok(crate::layers_of(layout, tag)?.iter().map(|l| l.size).sum())
-    };
+    let size = |tag: &str| -> Result<u64> { Ok(crate::layers_of(layout, tag)?.iter().map(|l| l.size).sum()) };
     let t = Instant::now();
     let fresh = bundle_url(gw, app, "v1", None);
     let (bundle_bytes, _) = wan.worker.run(|| crate::gateway::curl_download(&fresh))?;
@@ -400,7 +405,11 @@ impl<'a> WorkerSide<'a> {
             w.snapshotter = Some(child);
             let t = Instant::now();
             while !socket.exists() {
-                ensure!(t.elapsed() < Duration::from_secs(30), "the snapshotter never listened: {}", w.log("snapshotter.log"));
+                ensure!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "the snapshotter never listened: {}",
+                    w.log("snapshotter.log")
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
             extra = format!(
@@ -434,7 +443,11 @@ impl<'a> WorkerSide<'a> {
 
     fn ctr_pull(&self, app: &str, tag: &str) -> Result<()> {
         let out = self.ctr(&["images", "pull", "--plain-http", &image_name(app, tag)])?;
-        ensure!(out.status.success(), "ctr images pull {app}:{tag}: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "ctr images pull {app}:{tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     }
 
@@ -510,7 +523,12 @@ impl<'a> WorkerSide<'a> {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok((at, line)) if line.contains(ready) => break Ok(at),
                 Ok((_, line)) => seen.push(line),
-                Err(_) => break Err(anyhow::anyhow!("{name} never printed {ready:?}; it printed:\n{}", seen.join("\n"))),
+                Err(_) => {
+                    break Err(anyhow::anyhow!(
+                        "{name} never printed {ready:?}; it printed:\n{}",
+                        seen.join("\n")
+                    ));
+                }
             }
         };
         let _ = self.ctr(&["task", "kill", "--signal", "SIGKILL", &id]);
@@ -610,8 +628,12 @@ pub fn summarize(r: &Report) -> (String, String) {
         v
     };
     let med = |ms: f64, app: &str, arm: Arm| -> Option<f64> {
-        let v: Vec<f64> =
-            r.samples.iter().filter(|s| s.rtt_ms == ms && s.app == app && s.arm == arm).map(|s| s.secs).collect();
+        let v: Vec<f64> = r
+            .samples
+            .iter()
+            .filter(|s| s.rtt_ms == ms && s.app == app && s.arm == arm)
+            .map(|s| s.secs)
+            .collect();
         (!v.is_empty()).then(|| crate::median(v))
     };
     let mut t = String::new();
@@ -631,7 +653,11 @@ pub fn summarize(r: &Report) -> (String, String) {
             i.update_bytes as f64 / 1e6
         );
     }
-    let _ = writeln!(t, "\nArms: {}.", Arm::ALL.iter().map(|a| format!("{a:?} {}", a.what())).collect::<Vec<_>>().join("; "));
+    let _ = writeln!(
+        t,
+        "\nArms: {}.",
+        Arm::ALL.iter().map(|a| format!("{a:?} {}", a.what())).collect::<Vec<_>>().join("; ")
+    );
     let mut summary_rows = Vec::new();
     for &ms in &rtts {
         let rounds = r.samples.iter().filter(|s| s.rtt_ms == ms).map(|s| s.round + 1).max().unwrap_or(0);
@@ -677,12 +703,8 @@ pub fn summarize(r: &Report) -> (String, String) {
             );
         }
         let hm = |v: &[f64]| if v.is_empty() { "-".to_string() } else { format!("{:.2}x", harmonic_mean(v)) };
-        let _ = writeln!(
-            t,
-            "| **harmonic mean** | | | | | | **{}** | **{}** | {before}/{n} |",
-            hm(&ab),
-            hm(&dc)
-        );
+        let _ =
+            writeln!(t, "| **harmonic mean** | | | | | | **{}** | **{}** | {before}/{n} |", hm(&ab), hm(&dc));
         summary_rows.push((ms, hm(&ab), hm(&dc), format!("{before}/{n}")));
     }
     let _ = writeln!(t, "\nSummary (harmonic means over images of the per-image speedups):\n");
@@ -692,7 +714,8 @@ pub fn summarize(r: &Report) -> (String, String) {
         let _ = writeln!(t, "| {ms} | {ab} | {dc} | {be} |");
     }
     let _ = writeln!(t, "\nSelf-check of the emulated link at {} Mbit/s:\n", r.mbit);
-    let _ = writeln!(t, "| RTT set | RTT measured | link throughput Mbit/s (UDP) | one TCP flow, data Mbit/s |");
+    let _ =
+        writeln!(t, "| RTT set | RTT measured | link throughput Mbit/s (UDP) | one TCP flow, data Mbit/s |");
     let _ = writeln!(t, "|---|---|---|---|");
     for (ms, rtt, udp, tcp) in &r.self_checks {
         let _ = writeln!(t, "| {ms} ms | {rtt:.2} ms | {udp:.1} | {tcp:.1} |");
@@ -766,7 +789,11 @@ fn plot(r: &Report, rtts: &[f64]) -> String {
             h - bottom + 16.0
         );
     }
-    svg += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">RTT (ms)</text>\n", (w - right + left) / 2.0, h - 12.0);
+    svg += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">RTT (ms)</text>\n",
+        (w - right + left) / 2.0,
+        h - 12.0
+    );
     let step = nice_step(ymax / 5.0);
     let mut s = 0.0;
     while s <= ymax {
@@ -791,7 +818,12 @@ fn plot(r: &Report, rtts: &[f64]) -> String {
             path.join(" ")
         );
         for (a, b) in pts {
-            svg += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n", x(*a), y(*b), colors[k]);
+            svg += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n",
+                x(*a),
+                y(*b),
+                colors[k]
+            );
         }
         let ly = top + 20.0 + 36.0 * k as f64;
         svg += &format!(

@@ -103,7 +103,8 @@ impl Netns {
 
     fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        self.run(|| std::fs::write(&path, value)).with_context(|| format!("sysctl {key}={value} in {}", self.name))
+        self.run(|| std::fs::write(&path, value))
+            .with_context(|| format!("sysctl {key}={value} in {}", self.name))
     }
 }
 
@@ -125,7 +126,11 @@ fn ip(args: &[&str]) -> Result<()> {
 fn tun_in(ns: &Netns, dev: &str) -> Result<File> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     ns.run(|| {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("open /dev/net/tun")?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .context("open /dev/net/tun")?;
         // struct ifreq: the name, then the flags.
         let mut req = [0u8; 40];
         req[..dev.len()].copy_from_slice(dev.as_bytes());
@@ -165,7 +170,8 @@ impl Wan {
         let server = Netns::create(&format!("{prefix}-server"))?;
         let wt = tun_in(&worker, "slw0")?;
         let st = tun_in(&server, "sls0")?;
-        for (ns, dev, me, peer) in [(&worker, "slw0", WORKER_ADDR, SERVER_ADDR), (&server, "sls0", SERVER_ADDR, WORKER_ADDR)]
+        for (ns, dev, me, peer) in
+            [(&worker, "slw0", WORKER_ADDR, SERVER_ADDR), (&server, "sls0", SERVER_ADDR, WORKER_ADDR)]
         {
             ns.ip(&["link", "set", "lo", "up"])?;
             ns.ip(&["addr", "add", &me.to_string(), "peer", &format!("{peer}/32"), "dev", dev])?;
@@ -196,7 +202,10 @@ impl Wan {
         let base = wan.ping_median()?.saturating_sub(probe);
         *own.lock().unwrap() = base / 2;
         wan.set_link(want);
-        println!("delay line: its own round trip is {:.0} µs, taken off the emulated delay", base.as_secs_f64() * 1e6);
+        println!(
+            "delay line: its own round trip is {:.0} µs, taken off the emulated delay",
+            base.as_secs_f64() * 1e6
+        );
         Ok(wan)
     }
 
@@ -237,38 +246,39 @@ fn direction(
     let reader = std::thread::Builder::new().name(format!("{name}-in")).spawn({
         let name = name.clone();
         move || {
-        let mut busy_until = Instant::now();
-        let mut buf = vec![0u8; 65536];
-        while !stop.load(Ordering::Relaxed) {
-            let mut pfd = libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
-                continue;
-            }
-            let n = match from.read(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    eprintln!("{name}: read: {e}");
+            let mut busy_until = Instant::now();
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                    continue;
+                }
+                let n = match from.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        eprintln!("{name}: read: {e}");
+                        return;
+                    }
+                };
+                let now = Instant::now();
+                let l = *link.lock().unwrap();
+                // What is still queued ahead of this packet, in bytes at the link's rate.
+                let backlog = busy_until.saturating_duration_since(now);
+                let queued = (backlog.as_secs_f64() * l.rate_bps as f64 / 8.0) as u64;
+                if queued + n as u64 > l.queue_bytes {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                busy_until = busy_until.max(now) + l.tx_time(n);
+                let one_way = (l.rtt / 2).saturating_sub(*own.lock().unwrap());
+                if tx.send((busy_until + one_way, buf[..n].to_vec())).is_err() {
                     return;
                 }
-            };
-            let now = Instant::now();
-            let l = *link.lock().unwrap();
-            // What is still queued ahead of this packet, in bytes at the link's rate.
-            let backlog = busy_until.saturating_duration_since(now);
-            let queued = (backlog.as_secs_f64() * l.rate_bps as f64 / 8.0) as u64;
-            if queued + n as u64 > l.queue_bytes {
-                counters.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            busy_until = busy_until.max(now) + l.tx_time(n);
-            let one_way = (l.rtt / 2).saturating_sub(*own.lock().unwrap());
-            if tx.send((busy_until + one_way, buf[..n].to_vec())).is_err() {
-                return;
             }
         }
-    }})?;
+    })?;
     let writer = std::thread::Builder::new().name(format!("{name}-out")).spawn(move || {
         let counters = counters2;
         let _ = &counters;
@@ -448,7 +458,8 @@ impl Wan {
         let el = (end - t_mark).as_secs_f64();
         let goodput_bps = bytes_after as f64 * 8.0 / el;
         let wire_bps = (self.down.bytes.load(Ordering::Relaxed) - wire_mark) as f64 * 8.0 / el;
-        let dropped = self.down.dropped.load(Ordering::Relaxed) + self.up.dropped.load(Ordering::Relaxed) - dropped0;
+        let dropped =
+            self.down.dropped.load(Ordering::Relaxed) + self.up.dropped.load(Ordering::Relaxed) - dropped0;
         let udp_bps = self.udp_capacity()?;
         let c = Check { rtt, goodput_bps, udp_bps };
         let rtt_err = (rtt.as_secs_f64() - link.rtt.as_secs_f64()).abs() / link.rtt.as_secs_f64();
