@@ -267,28 +267,33 @@ struct Layer {
     path: PathBuf,
 }
 
-/// The image config of `tag` in an OCI layout.
-fn layout_config(layout: &Path, tag: &str) -> anyhow::Result<serde_json::Value> {
+/// The blob path of a digest in an OCI layout.
+fn layout_blob(layout: &Path, digest: &str) -> PathBuf {
+    layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+}
+
+/// The manifest of `tag` in an OCI layout.
+fn layout_manifest(layout: &Path, tag: &str) -> anyhow::Result<serde_json::Value> {
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
     let desc = index["manifests"]
         .as_array()
         .and_then(|m| m.iter().find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == tag))
         .with_context(|| format!("no tag {tag} in {}", layout.display()))?;
-    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(blob(desc["digest"].as_str().unwrap_or("")))?)?;
-    Ok(serde_json::from_slice(&std::fs::read(blob(manifest["config"]["digest"].as_str().unwrap_or("")))?)?)
+    Ok(serde_json::from_slice(&std::fs::read(layout_blob(layout, desc["digest"].as_str().unwrap_or("")))?)?)
+}
+
+/// The image config of `tag` in an OCI layout.
+fn layout_config(layout: &Path, tag: &str) -> anyhow::Result<serde_json::Value> {
+    let manifest = layout_manifest(layout, tag)?;
+    Ok(serde_json::from_slice(&std::fs::read(layout_blob(
+        layout,
+        manifest["config"]["digest"].as_str().unwrap_or(""),
+    ))?)?)
 }
 
 fn layers_of(layout: &Path, tag: &str) -> anyhow::Result<Vec<Layer>> {
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
-    let desc = index["manifests"]
-        .as_array()
-        .and_then(|m| m.iter().find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == tag))
-        .with_context(|| format!("no tag {tag} in {}", layout.display()))?;
-    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(blob(desc["digest"].as_str().unwrap_or("")))?)?;
+    let manifest = layout_manifest(layout, tag)?;
+    let blob = |d: &str| layout_blob(layout, d);
     let mut out = Vec::new();
     for l in manifest["layers"].as_array().context("manifest without layers")? {
         let mt = l["mediaType"].as_str().unwrap_or("");
