@@ -797,13 +797,15 @@ fn plot(r: &Report, rtts: &[f64]) -> String {
     let step = nice_step(ymax / 5.0);
     let mut s = 0.0;
     while s <= ymax {
+        let digits = if step < 1.0 { 1 } else { 0 };
         svg += &format!(
-            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{4}</text>\n",
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{4:.5$}</text>\n",
             y(s),
             w - right,
             left - 6.0,
             y(s) + 4.0,
-            format!("{s:.*}", if step < 1.0 { 1 } else { 0 })
+            s,
+            digits
         );
         s += step;
     }

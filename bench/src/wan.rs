@@ -434,7 +434,7 @@ impl Wan {
             }
             Ok(())
         });
-        let mut conn = self.worker.run(|| TcpStream::connect(SocketAddr::from(addr)))?;
+        let mut conn = self.worker.run(|| TcpStream::connect(addr))?;
         let start = Instant::now();
         let half = Duration::from_secs_f64(secs / 2.0);
         let mut buf = vec![0u8; 1 << 16];
