@@ -189,24 +189,63 @@ pub fn run(bin: Option<PathBuf>, blob_mib: u64, rounds: usize, clients: usize) -
         std::fs::remove_file(&big)?;
         std::fs::remove_file(&mid)?;
 
-        println!("## Pass-through throughput: {blob_mib} MiB blob on loopback, {rounds} rounds, medians\n");
-        let direct_url = format!("http://{}/v2/bench/big/blobs/{big_d}", reg.addr());
-        let gw_url = format!("http://{}/v2/bench/big/blobs/{big_d}", gw.addr);
-        let (mut direct, mut through, mut gw_cpu) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let (n, s) = curl_download(&direct_url)?;
-            direct.push(n as f64 / s / 1e6);
-            let cpu0 = cpu_of(gw.child.id());
-            let (n2, s2) = curl_download(&gw_url)?;
-            gw_cpu.push((cpu_of(gw.child.id()) - cpu0) / s2);
-            if n2 != n || n != blob_mib << 20 {
-                bail!("gateway returned {n2} bytes, registry {n}");
+        // Each round fetches the blob once by every path, in the same order; the CPU each path's
+        // relay process spent is read from /proc around its download.
+        let relay = crate::relay::start_relay(&reg.addr())?;
+        let nginx = match crate::relay::nginx_bin() {
+            Some(bin) => Some(crate::relay::start_nginx(&bin, &reg.addr())?),
+            None => {
+                println!("(nginx is not installed, so its row is left out: apt-get install -y nginx-core)\n");
+                None
             }
-            through.push(n2 as f64 / s2 / 1e6);
+        };
+        let mut paths = vec![
+            ("registry directly", reg.addr(), None),
+            ("through the gateway", gw.addr.clone(), Some(gw.child.id())),
+            ("reference: minimal copy relay", relay.addr.clone(), Some(relay.child.id())),
+        ];
+        if let Some(n) = &nginx {
+            paths.push(("reference: nginx 1 worker, unbuffered", n.addr.clone(), Some(n.child.id())));
         }
-        let (d, g) = (median(direct), median(through));
-        println!("| path | MB/s |\n|---|---|\n| registry directly | {d:.0} |\n| through the gateway | {g:.0} |");
-        println!("\nthrough/direct: **{:.1}%** (client: curl; gateway busy {:.2} cores while streaming)\n", 100.0 * g / d, median(gw_cpu));
+        let mut rates = vec![Vec::new(); paths.len()];
+        let mut cpus = vec![Vec::new(); paths.len()];
+        for _ in 0..rounds {
+            for (i, (_, addr, pid)) in paths.iter().enumerate() {
+                let cpu0 = pid.map(cpu_of);
+                let (n, s) = curl_download(&format!("http://{addr}/v2/bench/big/blobs/{big_d}"))?;
+                if n != blob_mib << 20 {
+                    bail!("{addr} returned {n} bytes, not {}", blob_mib << 20);
+                }
+                rates[i].push(n as f64 / s / 1e6);
+                if let (Some(pid), Some(c0)) = (pid, cpu0) {
+                    cpus[i].push((cpu_of(*pid) - c0) / (n as f64 / (1u64 << 30) as f64));
+                }
+            }
+        }
+        let rates: Vec<f64> = rates.into_iter().map(median).collect();
+        println!("## Pass-through throughput: {blob_mib} MiB blob on loopback, {rounds} rounds, medians\n");
+        // A relay's CPU seconds per GiB give the rate it could sustain on a core of its own.
+        println!("| path | MB/s | of direct | relay CPU s per GiB | relay alone, MB/s per core |");
+        println!("|---|---|---|---|---|");
+        let mut per_core = vec![None; paths.len()];
+        for (i, (name, _, _)) in paths.iter().enumerate() {
+            let (cpu, core) = if cpus[i].is_empty() {
+                ("-".to_string(), "-".to_string())
+            } else {
+                let c = median(cpus[i].clone());
+                per_core[i] = Some((1u64 << 30) as f64 / c / 1e6);
+                (format!("{c:.2}"), format!("{:.0}", (1u64 << 30) as f64 / c / 1e6))
+            };
+            println!("| {name} | {:.0} | {:.1}% | {cpu} | {core} |", rates[i], 100.0 * rates[i] / rates[0]);
+        }
+        println!("\nthrough/direct: **{:.1}%** (client: curl)", 100.0 * rates[1] / rates[0]);
+        if let Some(core) = per_core[1] {
+            println!(
+                "gateway alone, on a core of its own: **{core:.0} MB/s**, {:.0}% of the direct rate\n",
+                100.0 * core / rates[0]
+            );
+        }
+        drop((relay, nginx));
 
         // Manifest HEAD latency: a small image manifest, sequential requests on a warm connection.
         let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;

@@ -3,7 +3,8 @@
 //! - `convert`: conversion throughput of each layer of an image vs `gzip -dc` of the same layer
 //!   (the decompression a plain pull pays anyway), and stored size vs the original layers.
 //! - `gateway`: pass-through throughput and latency through `starlight-gateway` vs the registry
-//!   directly, and the gateway's peak memory under 100 concurrent downloads.
+//!   directly, beside reference relays (a minimal copy relay, and nginx when installed), and the
+//!   gateway's peak memory under 100 concurrent downloads.
 //! - `bundle`: delta bundle sizes vs a plain pull, time to first byte as images grow, and
 //!   streaming throughput from the local store.
 //! - `load`: many workers pulling one unconverted image at once: one conversion, every tree
@@ -15,6 +16,7 @@
 mod bundle;
 mod gateway;
 mod load;
+mod relay;
 mod sweep;
 mod wan;
 mod worker;
@@ -69,6 +71,15 @@ enum Cmd {
         /// Concurrent clients in the memory test.
         #[arg(long, default_value_t = 100)]
         clients: usize,
+    },
+    /// The gateway benchmark's reference relay (started by `gateway`, as its own process).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: String,
+        /// The registry, `HOST:PORT`.
+        #[arg(long)]
+        upstream: String,
     },
     /// Bundle sizes vs plain pulls, time to first byte, streaming throughput.
     Bundle {
@@ -179,6 +190,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gateway { gateway_bin, blob_mib, rounds, clients } => {
             gateway::run(gateway_bin, blob_mib, rounds, clients)
         }
+        Cmd::Relay { listen, upstream } => relay::serve(&listen, &upstream),
         Cmd::Load { gateway_bin, layout, tag, workers, gateway_config } => {
             load::run(gateway_bin, &layout, &tag, workers, gateway_config.as_deref())
         }
@@ -323,7 +335,7 @@ fn cpu_seconds() -> f64 {
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 0 { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
+    if n.is_multiple_of(2) { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
 }
 
 fn convert_bench(layout: &Path, tag: &str, rounds: usize, level: i32) -> anyhow::Result<()> {
