@@ -546,18 +546,7 @@ impl<'a> WorkerSide<'a> {
 
     /// The snapshotter's mount processes (their command lines name its root).
     fn mount_pids(&self) -> Vec<i32> {
-        let want = self.dir.path().join("snap/snapshots");
-        let want = want.to_string_lossy().into_owned();
-        let mut pids = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            if args.iter().any(|a| *a == b"mount") && args.iter().any(|a| a.starts_with(want.as_bytes())) {
-                pids.push(pid);
-            }
-        }
-        pids
+        starlight_worker::snapshotter::mount_processes(&self.dir.path().join("snap"))
     }
 
     fn wait_mounts_gone(&self, limit: Duration) -> Result<()> {

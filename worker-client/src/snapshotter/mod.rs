@@ -811,6 +811,24 @@ fn detach(dir: &Path) {
     }
 }
 
+/// The live processes serving the mounts of a snapshotter whose root is `root`: their command line
+/// has the `mount` subcommand and an argument under `root/snapshots`. For tests and benchmarks
+/// that must see those processes go, or stop them, when they tear a snapshotter down.
+pub fn mount_processes(root: &Path) -> Vec<i32> {
+    let want = root.join("snapshots");
+    let want = want.as_os_str().as_encoded_bytes();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let mut args = cmd.split(|b| *b == 0);
+        if args.clone().any(|a| a == b"mount") && args.any(|a| a.starts_with(want)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// Whether process `pid` is alive and serves mount point `fs` (its command line names it).
 fn serves(pid: u32, fs: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
