@@ -417,7 +417,9 @@ impl<'a> WorkerSide<'a> {
                 socket.display()
             );
         }
-        w.containerd = Some(wan.worker.run(|| Containerd::start(&extra)));
+        // containerd's root on the same filesystem as the snapshotter's, so that neither gets a
+        // faster disk (a tmpfs /tmp) than the other.
+        w.containerd = Some(wan.worker.run(|| Containerd::start_under(Path::new("/var/tmp"), &extra)));
         Ok(w)
     }
 

@@ -161,11 +161,25 @@ pub struct Wan {
     /// Worker to server, server to worker.
     pub up: Arc<Counters>,
     pub down: Arc<Counters>,
+    /// Held while the namespaces exist (dropped last, after them).
+    _lock: File,
 }
 
 impl Wan {
-    /// Creates namespaces `PREFIX-worker` and `PREFIX-server` joined by `link`.
+    /// Creates namespaces `PREFIX-worker` and `PREFIX-server` joined by `link`. Only one process
+    /// at a time may own a prefix: a second run (`wan` and `wan-check` use the same one) fails at
+    /// once instead of deleting the first one's namespaces.
     pub fn create(prefix: &str, link: Link) -> Result<Wan> {
+        let lock_path = format!("/run/starlight-bench-{prefix}.lock");
+        let lock = File::create(&lock_path).with_context(|| format!("create {lock_path}"))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "another starlight-bench run holds the emulated WAN (lock {lock_path}: {}); \
+                 wait for it to end",
+                std::io::Error::last_os_error()
+            );
+        }
         let worker = Netns::create(&format!("{prefix}-worker"))?;
         let server = Netns::create(&format!("{prefix}-server"))?;
         let wt = tun_in(&worker, "slw0")?;
@@ -192,7 +206,7 @@ impl Wan {
         ] {
             threads.extend(direction(from, to, link.clone(), own.clone(), stop.clone(), c, name)?);
         }
-        let wan = Wan { worker, server, link, stop, threads, up, down };
+        let wan = Wan { worker, server, link, stop, threads, up, down, _lock: lock };
         // The delay line's own latency (two TUN crossings and two thread hand-offs each way),
         // measured with no added delay, is taken off the delay it adds, so that the round trip
         // measures as set.

@@ -1,7 +1,7 @@
 //! A real containerd (1.6 from apt) with its own root, state and socket, the CRI plugin disabled,
 //! driven with `ctr`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -20,10 +20,24 @@ pub struct Containerd {
 
 impl Containerd {
     /// Starts containerd; `extra_config` is appended to its TOML config (e.g. a proxy plugin).
+    /// Its root, state and socket are in a new directory under the system's temp dir.
     pub fn start(extra_config: &str) -> Containerd {
+        Self::start_with_dir(tempdir("containerd"), extra_config)
+    }
+
+    /// [`Containerd::start`] with root, state and socket in a new directory under `parent` (a
+    /// benchmark keeps containerd's root on the same filesystem as the snapshotter's).
+    pub fn start_under(parent: &Path, extra_config: &str) -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("starlight-containerd-")
+            .tempdir_in(parent)
+            .unwrap_or_else(|e| panic!("create a temp dir for containerd under {}: {e}", parent.display()));
+        Self::start_with_dir(dir, extra_config)
+    }
+
+    fn start_with_dir(dir: TempDir, extra_config: &str) -> Containerd {
         let bin = require("containerd", INSTALL_CONTAINERD);
         require("ctr", INSTALL_CONTAINERD);
-        let dir = tempdir("containerd");
         let d = dir.path();
         let config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
