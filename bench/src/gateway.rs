@@ -12,12 +12,30 @@ use futures::StreamExt;
 use starlight_conformance::servers::{Registry, free_port};
 use starlight_format::Digest;
 
-pub(crate) struct Gateway {
-    pub(crate) child: Child,
+/// A server process this bench started (the gateway, a reference relay), killed when dropped.
+pub(crate) struct Server {
+    pub(crate) name: &'static str,
     pub(crate) addr: String,
+    pub(crate) child: Child,
+    /// Its config and logs, if it has any: removed when the server is dropped.
+    pub(crate) _dir: Option<tempfile::TempDir>,
 }
 
-impl Drop for Gateway {
+impl Server {
+    /// Waits (up to 10 s) until the server accepts connections on its address.
+    pub(crate) fn listening(self) -> anyhow::Result<Server> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("{} did not start listening on {}", self.name, self.addr);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(self)
+    }
+}
+
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -33,7 +51,7 @@ pub(crate) fn gateway_bin(bin: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 /// Starts the gateway binary in front of `upstream`, with `extra` arguments.
-pub(crate) fn start_gateway(bin: &PathBuf, upstream: &str, extra: &[&str]) -> anyhow::Result<Gateway> {
+pub(crate) fn start_gateway(bin: &PathBuf, upstream: &str, extra: &[&str]) -> anyhow::Result<Server> {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(bin)
@@ -43,15 +61,7 @@ pub(crate) fn start_gateway(bin: &PathBuf, upstream: &str, extra: &[&str]) -> an
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let gw = Gateway { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&gw.addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("gateway did not start listening on {}", gw.addr);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(gw)
+    Server { name: "gateway", addr, child, _dir: None }.listening()
 }
 
 /// VmRSS and VmHWM (peak) of a process, in KiB.
@@ -227,14 +237,12 @@ pub fn run(bin: Option<PathBuf>, blob_mib: u64, rounds: usize, clients: usize) -
         // A relay's CPU seconds per GiB give the rate it could sustain on a core of its own.
         println!("| path | MB/s | of direct | relay CPU s per GiB | relay alone, MB/s per core |");
         println!("|---|---|---|---|---|");
-        let mut per_core = vec![None; paths.len()];
+        let cpus: Vec<Option<f64>> = cpus.into_iter().map(|c| (!c.is_empty()).then(|| median(c))).collect();
+        let per_core: Vec<Option<f64>> = cpus.iter().map(|c| c.map(|c| (1u64 << 30) as f64 / c / 1e6)).collect();
         for (i, (name, _, _)) in paths.iter().enumerate() {
-            let (cpu, core) = if cpus[i].is_empty() {
-                ("-".to_string(), "-".to_string())
-            } else {
-                let c = median(cpus[i].clone());
-                per_core[i] = Some((1u64 << 30) as f64 / c / 1e6);
-                (format!("{c:.2}"), format!("{:.0}", (1u64 << 30) as f64 / c / 1e6))
+            let (cpu, core) = match (cpus[i], per_core[i]) {
+                (Some(c), Some(r)) => (format!("{c:.2}"), format!("{r:.0}")),
+                _ => ("-".to_string(), "-".to_string()),
             };
             println!("| {name} | {:.0} | {:.1}% | {cpu} | {core} |", rates[i], 100.0 * rates[i] / rates[0]);
         }

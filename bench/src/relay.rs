@@ -5,15 +5,16 @@
 //!   `Connection: close`, then copy the registry's answer to the client with one 1 MiB buffer.
 //!   No header parsing, no pooling, one thread per connection. It runs as its own process
 //!   (`starlight-bench relay`) so that its CPU time can be read from /proc.
-//! - [`Nginx`] is nginx as a reverse proxy with response buffering off, when it is installed.
+//! - [`start_nginx`] runs nginx as a reverse proxy with response buffering off, when it is installed.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
+
+use crate::gateway::Server;
 
 /// Largest request head the relay reads.
 const MAX_HEAD: usize = 64 << 10;
@@ -70,41 +71,15 @@ fn relay_one(mut client: TcpStream, upstream: &str) -> anyhow::Result<()> {
     }
 }
 
-/// A reference process (the relay or nginx), killed when dropped.
-pub struct Reference {
-    pub name: &'static str,
-    pub addr: String,
-    pub child: Child,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Drop for Reference {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_listening(r: Reference) -> anyhow::Result<Reference> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(&r.addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("{} did not start listening on {}", r.name, r.addr);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(r)
-}
-
 /// Starts this binary's `relay` subcommand in front of `upstream` (`HOST:PORT`).
-pub fn start_relay(upstream: &str) -> anyhow::Result<Reference> {
+pub fn start_relay(upstream: &str) -> anyhow::Result<Server> {
     let addr = format!("127.0.0.1:{}", starlight_conformance::servers::free_port());
     let child = Command::new(std::env::current_exe()?)
         .args(["relay", "--listen", &addr, "--upstream", upstream])
         .stdout(Stdio::null())
         .spawn()
         .context("starting the reference relay")?;
-    wait_listening(Reference { name: "relay", addr, child, _dir: None })
+    Server { name: "relay", addr, child, _dir: None }.listening()
 }
 
 /// nginx's binary, if installed.
@@ -118,7 +93,7 @@ pub fn nginx_bin() -> Option<PathBuf> {
 
 /// Starts nginx (one process, no daemon, response buffering off, keep-alive to the upstream) in
 /// front of `upstream` (`HOST:PORT`).
-pub fn start_nginx(bin: &Path, upstream: &str) -> anyhow::Result<Reference> {
+pub fn start_nginx(bin: &Path, upstream: &str) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     let addr = format!("127.0.0.1:{}", starlight_conformance::servers::free_port());
     let d = dir.path().display();
@@ -145,5 +120,5 @@ pub fn start_nginx(bin: &Path, upstream: &str) -> anyhow::Result<Reference> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    wait_listening(Reference { name: "nginx", addr, child, _dir: Some(dir) })
+    Server { name: "nginx", addr, child, _dir: Some(dir) }.listening()
 }

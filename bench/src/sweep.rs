@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::servers::{Containerd, Registry};
 
+use crate::gateway::Server;
 use crate::wan::{Link, SERVER_ADDR, Wan};
 
 const NS: &str = "bench";
@@ -159,7 +160,7 @@ pub fn run(o: Opts) -> Result<()> {
             .spawn()
     })?;
     // Killed however this function ends, panics included.
-    let mut gateway = KillOnDrop(gateway);
+    let gateway = Server { name: "gateway", addr: gw_listen.clone(), child: gateway, _dir: None };
     let gw = format!("http://{gw_listen}");
     let server_ok = wan.server.run(|| {
         let t = Instant::now();
@@ -233,7 +234,7 @@ pub fn run(o: Opts) -> Result<()> {
             failures,
         })
     })();
-    gateway.stop();
+    drop(gateway);
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -252,21 +253,6 @@ pub fn run(o: Opts) -> Result<()> {
     std::fs::write(o.out.join("wan.svg"), svg)?;
     println!("written: {0}/wan.json, {0}/wan.md, {0}/wan.svg", o.out.display());
     Ok(())
-}
-
-struct KillOnDrop(Child);
-
-impl KillOnDrop {
-    fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// The image's ready line and sizes; converts it and records its start-up traces (one run of v1

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::process::{Proc, require, tempdir};
+use super::process::{Proc, require, tempdir, tempdir_in};
 
 const INSTALL_CONTAINERD: &str = "apt-get install -y containerd runc";
 
@@ -28,11 +28,7 @@ impl Containerd {
     /// [`Containerd::start`] with root, state and socket in a new directory under `parent` (a
     /// benchmark keeps containerd's root on the same filesystem as the snapshotter's).
     pub fn start_under(parent: &Path, extra_config: &str) -> Containerd {
-        let dir = tempfile::Builder::new()
-            .prefix("starlight-containerd-")
-            .tempdir_in(parent)
-            .unwrap_or_else(|e| panic!("create a temp dir for containerd under {}: {e}", parent.display()));
-        Self::start_with_dir(dir, extra_config)
+        Self::start_with_dir(tempdir_in("containerd", parent), extra_config)
     }
 
     fn start_with_dir(dir: TempDir, extra_config: &str) -> Containerd {

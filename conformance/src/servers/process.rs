@@ -108,10 +108,15 @@ pub(super) fn run(name: &str, cmd: Command, log: PathBuf, timeout: Duration) {
 }
 
 pub(super) fn tempdir(what: &str) -> TempDir {
+    tempdir_in(what, &std::env::temp_dir())
+}
+
+/// A new directory `starlight-WHAT-*` under `parent`.
+pub(super) fn tempdir_in(what: &str, parent: &std::path::Path) -> TempDir {
     tempfile::Builder::new()
         .prefix(&format!("starlight-{what}-"))
-        .tempdir()
-        .unwrap_or_else(|e| panic!("create temp dir for {what}: {e}"))
+        .tempdir_in(parent)
+        .unwrap_or_else(|e| panic!("create a temp dir for {what} under {}: {e}", parent.display()))
 }
 
 /// Connects to `127.0.0.1:port` with a short timeout, so a poll never blocks for long.
