@@ -1,6 +1,9 @@
 //! Converts whole images: resolves the manifest, skips layers already converted, converts the rest,
 //! and publishes in an order that makes publication atomic:
 //! blob -> TOC -> content locations -> layer record -> (all layers) -> image record and tag.
+//!
+//! A converted layer is reused only for the same compressed blob digest that produced it (what a
+//! manifest names and the registry holds), never for a diffID a config merely claims.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
@@ -57,6 +60,12 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
     pub async fn convert(&self, source: &Source) -> Result<ImageOutcome, ConvertError> {
         let started = Instant::now();
         let resolved = source.resolve().await?;
+        // Every limit of the image record, checked before any layer is fetched: an image whose
+        // record could not be written (or read back) is refused at once.
+        resolved.record.check_limits().map_err(|e| ConvertError::BadImage {
+            image: format!("{}@{}", resolved.record.name, resolved.record.manifest_digest),
+            why: format!("cannot be converted: {e}"),
+        })?;
         info!(image = %resolved.record.manifest_digest, name = %resolved.record.name, layers = resolved.record.layers.len(), "converting");
         let mut layers = Vec::new();
         for layer in &resolved.record.layers {
@@ -74,8 +83,10 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
         resolved: &ResolvedImage,
         layer: &starlight_format::ImageLayer,
     ) -> Result<LayerOutcome, ConvertError> {
-        if let Some(record) = self.index.get_layer(&layer.diff_id).await? {
-            debug!(diff_id = %layer.diff_id, "layer already converted");
+        if let Some(record) = self.index.get_layer_from_blob(&layer.digest).await?
+            && record.diff_id == layer.diff_id
+        {
+            debug!(blob = %layer.digest, diff_id = %layer.diff_id, "layer already converted");
             return Ok(LayerOutcome {
                 record,
                 converted: false,
@@ -117,8 +128,10 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
         reader: impl Read + Send + 'static,
         expect: Expect,
     ) -> Result<LayerOutcome, ConvertError> {
-        if let Some(want) = &expect.diff_id
-            && let Some(record) = self.index.get_layer(want).await?
+        // Reused only for the blob that produced it (and the diffID asked for, if any).
+        if let Some(blob) = &expect.digest
+            && let Some(record) = self.index.get_layer_from_blob(blob).await?
+            && expect.diff_id.is_none_or(|want| want == record.diff_id)
         {
             return Ok(LayerOutcome {
                 record,
@@ -143,9 +156,11 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
     }
 
     /// Stores a converted layer: drops contents stored elsewhere, uploads blob and TOC, then records
-    /// contents and finally the layer itself.
+    /// contents and finally the layer itself, under its diffID and under the compressed blob digest
+    /// it was converted from (hashed while converting), by which alone it is reused.
     async fn publish_layer(&self, layer: ConvertedLayer) -> Result<LayerOutcome, ConvertError> {
         let diff_id = layer.toc.diff_id;
+        let source = layer.compressed_digest;
         let digests: Vec<Digest> = layer.contents.iter().map(|c| c.digest).collect();
         let existing = self.index.get_contents(&digests).await?;
         let keep: Vec<bool> = existing.iter().map(Option::is_none).collect();
@@ -208,6 +223,7 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
             content_bytes,
         };
         self.index.put_layer(&record).await?;
+        self.index.put_layer_from_blob(&source, &record).await?;
         info!(%diff_id, entries = record.entries, stored_bytes, toc_bytes, "layer converted");
         Ok(LayerOutcome {
             record,

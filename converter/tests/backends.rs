@@ -157,9 +157,24 @@ async fn index_contract(index: &impl Index) {
     assert_eq!(index.get_layer(&layer(1).diff_id).await.unwrap(), None);
     index.put_layer(&layer(1)).await.unwrap();
     assert_eq!(index.get_layer(&layer(1).diff_id).await.unwrap(), Some(layer(1)));
+    // Reuse goes by the compressed blob that produced a layer, never by its diffID alone.
+    let blob = digest("compressed", 1);
+    assert_eq!(index.get_layer_from_blob(&blob).await.unwrap(), None);
+    assert_eq!(index.get_layer_from_blob(&layer(1).diff_id).await.unwrap(), None);
+    index.put_layer_from_blob(&blob, &layer(1)).await.unwrap();
+    assert_eq!(index.get_layer_from_blob(&blob).await.unwrap(), Some(layer(1)));
+    assert_eq!(index.get_layer_from_blob(&digest("compressed", 2)).await.unwrap(), None);
 
     let untagged = image(None);
     assert_eq!(index.get_image(&untagged.manifest_digest).await.unwrap(), None);
+    // A record its decoder would refuse is not written.
+    let mut too_many = image(None);
+    too_many.manifest_digest = digest("too many layers", 1);
+    too_many.layers = vec![too_many.layers[0].clone(); starlight_format::MAX_LAYERS as usize + 1];
+    let err = index.put_image(&too_many).await.unwrap_err();
+    assert!(matches!(err, IndexError::Unwritable { .. }), "{err}");
+    assert!(err.to_string().contains("4097"), "{err}");
+    assert_eq!(index.get_image(&too_many.manifest_digest).await.unwrap(), None);
     index.put_image(&untagged).await.unwrap();
     assert_eq!(index.get_image(&untagged.manifest_digest).await.unwrap(), Some(untagged.clone()));
     assert_eq!(index.resolve_tag(&untagged.name, "v1").await.unwrap(), None);

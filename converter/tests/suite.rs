@@ -88,12 +88,28 @@ async fn dedup_and_skip(b: &Backend, work: &std::path::Path, v1_tar: &[u8]) {
     let v1_diff = Digest::of(v1_tar);
     let v1 = b.conv.index.get_layer(&v1_diff).await.unwrap().expect("v1 layer published");
 
-    // The same layer again, compressed differently: same diffID, so not converted again.
+    // The same layer again, compressed differently: same diffID but another blob, so converted
+    // again (a converted layer is reused only for the blob that produced it: a diffID is merely
+    // claimed by a config); its contents are all stored already.
     let blob = compress(v1_tar, Compression::None);
     let again =
         convert(&b.conv, blob.clone(), expect("v1-again", Compression::None, &blob, v1_tar)).await.unwrap();
-    assert!(!again.converted, "a layer with a known diffID must not be converted again");
-    assert_eq!(again.record, v1);
+    assert!(again.converted, "a layer known only by its diffID must be converted again");
+    assert_eq!((again.record.diff_id, again.record.toc), (v1.diff_id, v1.toc));
+    assert_eq!(again.stored_bytes, 0, "no content stored twice");
+    // The same blob once more: not converted again.
+    let once_more =
+        convert(&b.conv, blob.clone(), expect("v1-again", Compression::None, &blob, v1_tar)).await.unwrap();
+    assert!(!once_more.converted, "a layer converted from the same blob must not be converted again");
+    assert_eq!(once_more.record, again.record);
+    // A blob that claims v1's diffID but holds something else is converted, and refused.
+    let other_tar = starlight_conformance::layout::Layer::new().file("decoy", b"not v1\n").finish();
+    let claim = starlight_converter::layer::Expect {
+        diff_id: Some(v1_diff),
+        ..expect("claims-v1", Compression::None, &other_tar, &other_tar)
+    };
+    let err = convert(&b.conv, other_tar.clone(), claim).await.unwrap_err();
+    assert!(err.to_string().contains("diffID mismatch"), "{err}");
 
     // v2 changes two small files; everything else is already stored.
     let tree = work.join("tree-v2");

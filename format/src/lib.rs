@@ -23,7 +23,8 @@ pub mod wire;
 
 pub use digest::{Digest, Hasher};
 pub use records::{
-    CHUNK_SIZE, ContentLocation, Frame, ImageLayer, ImageRecord, LayerRecord, Platform, blob_key, toc_key,
+    CHUNK_SIZE, ContentLocation, Frame, ImageLayer, ImageRecord, LayerRecord, MAX_LAYERS, Platform, blob_key,
+    toc_key,
 };
 pub use toc::{Entry, Kind, Toc};
 
@@ -42,4 +43,7 @@ pub enum FormatError {
     BadPlatform(String),
     #[error("invalid path {path:?}: {why}")]
     BadPath { path: String, why: &'static str },
+    /// Refused on write as on read: a record past a limit is never written.
+    #[error("{what}: {count} exceeds the limit of {max}")]
+    OverLimit { what: &'static str, count: u64, max: u64 },
 }

@@ -13,7 +13,17 @@ pub const CHUNK_SIZE: u64 = 4 << 20;
 const MAX_FRAMES: u64 = 1 << 24;
 const MAX_TEXT: usize = 4096;
 const MAX_BLOB: usize = 16 << 20;
-const MAX_LAYERS: u64 = 4096;
+/// Layers an image record may hold; the converter refuses larger images before fetching a layer.
+pub const MAX_LAYERS: u64 = 4096;
+
+/// Fails with [`FormatError::OverLimit`] if `count` exceeds `max`: the check every encoder makes
+/// for each limit its decoder enforces.
+fn limit(what: &'static str, count: u64, max: u64) -> Result<(), FormatError> {
+    if count > max {
+        return Err(FormatError::OverLimit { what, count, max });
+    }
+    Ok(())
+}
 
 /// One zstd frame of a seekable blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +113,20 @@ fn header(r: &mut Reader<'_>, tag: u8, what: &'static str) -> Result<(), FormatE
 }
 
 impl ContentLocation {
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the location; fails on what [`ContentLocation::decode`] would refuse.
+    pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
+        limit("content location frame count", self.frames.len() as u64, MAX_FRAMES)?;
+        if self.frames.is_empty() {
+            return Err(FormatError::OverLimit { what: "content location frame count (minimum 1)", count: 0, max: 0 });
+        }
+        let mut total = 0u64;
+        for f in &self.frames {
+            limit("content location frame ulen", u64::from(f.ulen), CHUNK_SIZE)?;
+            total = total.saturating_add(u64::from(f.ulen));
+        }
+        if total != self.size {
+            return Err(FormatError::Malformed { what: "frames do not add up to size", offset: 0 });
+        }
         let mut w = Writer::new();
         w.raw(&[b'C', 1]);
         w.digest(&self.blob);
@@ -114,7 +137,7 @@ impl ContentLocation {
             w.varint(u64::from(f.clen));
             w.varint(u64::from(f.ulen));
         }
-        w.buf
+        Ok(w.buf)
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, FormatError> {
@@ -184,7 +207,27 @@ impl LayerRecord {
 }
 
 impl ImageRecord {
-    pub fn encode(&self) -> Vec<u8> {
+    /// Checks every limit [`ImageRecord::decode`] enforces, so that what is written can be read.
+    pub fn check_limits(&self) -> Result<(), FormatError> {
+        limit("image layer count", self.layers.len() as u64, MAX_LAYERS)?;
+        let text = MAX_TEXT as u64;
+        limit("image name length", self.name.len() as u64, text)?;
+        limit("image tag length", self.tag.as_deref().unwrap_or("").len() as u64, text)?;
+        limit("image platform length", self.platform.to_string().len() as u64, text)?;
+        limit("image media type length", self.media_type.len() as u64, text)?;
+        limit("image manifest size", self.manifest.len() as u64, MAX_BLOB as u64)?;
+        limit("image config size", self.config.len() as u64, MAX_BLOB as u64)?;
+        for l in &self.layers {
+            limit("layer media type length", l.media_type.len() as u64, text)?;
+        }
+        // The platform must parse back.
+        self.platform.to_string().parse::<Platform>()?;
+        Ok(())
+    }
+
+    /// Encodes the record; fails on what [`ImageRecord::decode`] would refuse.
+    pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
+        self.check_limits()?;
         let mut w = Writer::new();
         w.raw(&[b'I', 1]);
         w.digest(&self.manifest_digest);
@@ -202,7 +245,7 @@ impl ImageRecord {
             w.varint(l.size);
             w.bytes(l.media_type.as_bytes());
         }
-        w.buf
+        Ok(w.buf)
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, FormatError> {
@@ -279,5 +322,63 @@ impl Platform {
             other => other,
         };
         Platform { os: "linux".into(), architecture: architecture.into(), variant: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(layers: usize) -> ImageRecord {
+        let layer = ImageLayer {
+            diff_id: Digest::of(b"tar"),
+            digest: Digest::of(b"gz"),
+            size: 20,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        };
+        ImageRecord {
+            manifest_digest: Digest::of(b"manifest"),
+            name: "many".into(),
+            tag: None,
+            platform: Platform::host(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            manifest: b"{}".to_vec(),
+            config_digest: Digest::of(b"config"),
+            config: b"{}".to_vec(),
+            layers: vec![layer; layers],
+        }
+    }
+
+    #[test]
+    fn image_records_past_the_layer_limit_are_not_written() {
+        let at_limit = image(MAX_LAYERS as usize);
+        assert_eq!(ImageRecord::decode(&at_limit.encode().unwrap()).unwrap(), at_limit);
+        let over = image(MAX_LAYERS as usize + 1);
+        assert_eq!(
+            over.encode(),
+            Err(FormatError::OverLimit { what: "image layer count", count: 4097, max: 4096 })
+        );
+    }
+
+    #[test]
+    fn every_decode_limit_is_checked_on_encode() {
+        let mut long_name = image(1);
+        long_name.name = "n".repeat(MAX_TEXT + 1);
+        assert!(matches!(long_name.encode(), Err(FormatError::OverLimit { .. })));
+        let mut big_config = image(1);
+        big_config.config = vec![b' '; MAX_BLOB + 1];
+        assert!(matches!(big_config.encode(), Err(FormatError::OverLimit { .. })));
+        let frame = Frame { offset: 0, clen: 1, ulen: CHUNK_SIZE as u32 + 1 };
+        let loc = ContentLocation { blob: Digest::of(b"b"), size: CHUNK_SIZE + 1, frames: vec![frame] };
+        assert!(matches!(loc.encode(), Err(FormatError::OverLimit { .. })));
+        let empty = ContentLocation { blob: Digest::of(b"b"), size: 0, frames: vec![] };
+        assert!(empty.encode().is_err());
+        let short = ContentLocation {
+            blob: Digest::of(b"b"),
+            size: 9,
+            frames: vec![Frame { offset: 0, clen: 1, ulen: 8 }],
+        };
+        assert!(ContentLocation::decode(&short.encode().unwrap_or_default()).is_err());
+        assert!(short.encode().is_err());
     }
 }

@@ -90,7 +90,7 @@ proptest! {
             f
         }).collect();
         let loc = ContentLocation { blob, size: ulens.iter().map(|&u| u64::from(u)).sum(), frames };
-        prop_assert_eq!(ContentLocation::decode(&loc.encode()).unwrap(), loc);
+        prop_assert_eq!(ContentLocation::decode(&loc.encode().unwrap()).unwrap(), loc);
     }
 }
 
@@ -178,7 +178,7 @@ fn records_golden_file() {
         ],
     };
     let mut bytes = Vec::new();
-    for rec in [image.encode(), layer.encode(), loc.encode()] {
+    for rec in [image.encode().unwrap(), layer.encode(), loc.encode().unwrap()] {
         bytes.extend_from_slice(&(rec.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&rec);
     }
@@ -186,9 +186,9 @@ fn records_golden_file() {
         std::fs::write(path, &bytes).unwrap();
     }
     assert_eq!(bytes, std::fs::read(path).expect("golden file"), "record encodings changed");
-    assert_eq!(ImageRecord::decode(&image.encode()).unwrap(), image);
+    assert_eq!(ImageRecord::decode(&image.encode().unwrap()).unwrap(), image);
     assert_eq!(LayerRecord::decode(&layer.encode()).unwrap(), layer);
-    assert_eq!(ContentLocation::decode(&loc.encode()).unwrap(), loc);
+    assert_eq!(ContentLocation::decode(&loc.encode().unwrap()).unwrap(), loc);
 }
 
 #[test]

@@ -11,7 +11,10 @@ use super::{Index, IndexError};
 
 const CONTENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("contents");
 const LAYERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("layers");
-const IMAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("images");
+/// Layer records by the compressed blob they were converted from.
+const LAYER_BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("layer_blobs");
+/// Version 2: the table "images" of earlier versions is not read (see `Index::get_image`).
+const IMAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("images.v2");
 const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
 
 /// An index in an embedded redb file.
@@ -35,6 +38,11 @@ fn corrupt(table: &str, key: &[u8]) -> impl FnOnce(FormatError) -> IndexError {
     move |source| IndexError::Corrupt { key, source }
 }
 
+fn unwritable(table: &str, key: &[u8]) -> impl FnOnce(FormatError) -> IndexError {
+    let key = format!("{table}/{}", hex_key(key));
+    move |source| IndexError::Unwritable { key, source }
+}
+
 fn hex_key(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -50,7 +58,7 @@ impl RedbIndex {
         // Create the tables once so that readers never see "table does not exist".
         let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
         {
-            for t in [CONTENTS, LAYERS, IMAGES] {
+            for t in [CONTENTS, LAYERS, LAYER_BLOBS, IMAGES] {
                 tx.open_table(t).map_err(|e| backend("open table")(e.into()))?;
             }
             tx.open_table(TAGS).map_err(|e| backend("open table")(e.into()))?;
@@ -122,7 +130,10 @@ impl Index for RedbIndex {
     }
 
     async fn put_contents(&self, items: &[(Digest, ContentLocation)]) -> Result<(), IndexError> {
-        let items: Vec<(Digest, Vec<u8>)> = items.iter().map(|(d, l)| (*d, l.encode())).collect();
+        let items: Vec<(Digest, Vec<u8>)> = items
+            .iter()
+            .map(|(d, l)| Ok((*d, l.encode().map_err(unwritable("contents", &d.0))?)))
+            .collect::<Result<_, IndexError>>()?;
         self.run(move |db: &Database| {
             let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
             {
@@ -148,13 +159,23 @@ impl Index for RedbIndex {
         self.put_one(LAYERS, rec.diff_id, rec.encode()).await
     }
 
+    async fn get_layer_from_blob(&self, blob: &Digest) -> Result<Option<LayerRecord>, IndexError> {
+        let v = self.get_one(LAYER_BLOBS, *blob).await?;
+        v.map(|v| LayerRecord::decode(&v).map_err(corrupt("layer_blobs", &blob.0))).transpose()
+    }
+
+    async fn put_layer_from_blob(&self, blob: &Digest, rec: &LayerRecord) -> Result<(), IndexError> {
+        self.put_one(LAYER_BLOBS, *blob, rec.encode()).await
+    }
+
     async fn get_image(&self, manifest: &Digest) -> Result<Option<ImageRecord>, IndexError> {
         let v = self.get_one(IMAGES, *manifest).await?;
-        v.map(|v| ImageRecord::decode(&v).map_err(corrupt("images", &manifest.0))).transpose()
+        v.map(|v| ImageRecord::decode(&v).map_err(corrupt("images.v2", &manifest.0))).transpose()
     }
 
     async fn put_image(&self, rec: &ImageRecord) -> Result<(), IndexError> {
-        let (key, value) = (rec.manifest_digest, rec.encode());
+        let key = rec.manifest_digest;
+        let value = rec.encode().map_err(unwritable("images.v2", &key.0))?;
         let tag = rec.tag.as_ref().map(|t| (format!("{}:{t}", rec.name), key.to_string()));
         // Record and tag in one transaction: the tag never points at a missing record.
         self.run(move |db: &Database| {

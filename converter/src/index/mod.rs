@@ -1,4 +1,5 @@
-//! The file-hash index: image -> layers, layer (diffID) -> TOC, content digest -> location.
+//! The file-hash index: image -> layers, layer (compressed blob digest, and diffID) -> TOC,
+//! content digest -> location.
 //! An embedded `redb` file by default, Redis (single node or cluster) at scale.
 
 use std::future::Future;
@@ -27,6 +28,12 @@ pub enum IndexError {
         #[source]
         source: FormatError,
     },
+    #[error("index record {key} not written: {source}")]
+    Unwritable {
+        key: String,
+        #[source]
+        source: FormatError,
+    },
     #[error(
         "invalid index specification {0:?}: expected a file, redis://HOST:PORT or redis+cluster://HOST:PORT,..."
     )]
@@ -51,6 +58,21 @@ pub trait Index: Send + Sync {
         diff_id: &Digest,
     ) -> impl Future<Output = Result<Option<LayerRecord>, IndexError>> + Send;
     fn put_layer(&self, rec: &LayerRecord) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// The layer converted from the compressed blob `blob` (the digest a manifest names). The only
+    /// lookup by which a converted layer is reused: a diffID is what a config claims, a blob digest
+    /// is what the registry holds.
+    fn get_layer_from_blob(
+        &self,
+        blob: &Digest,
+    ) -> impl Future<Output = Result<Option<LayerRecord>, IndexError>> + Send;
+    /// Records that `rec` was converted from the compressed blob `blob`.
+    fn put_layer_from_blob(
+        &self,
+        blob: &Digest,
+        rec: &LayerRecord,
+    ) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// Image records are kept under a key version of their own: records published before layers
+    /// were keyed by blob digest (which could name layers by a claimed diffID) are not read.
     fn get_image(
         &self,
         manifest: &Digest,
@@ -112,6 +134,12 @@ impl Index for AnyIndex {
     }
     async fn put_layer(&self, rec: &LayerRecord) -> Result<(), IndexError> {
         dispatch!(self, i => i.put_layer(rec).await)
+    }
+    async fn get_layer_from_blob(&self, blob: &Digest) -> Result<Option<LayerRecord>, IndexError> {
+        dispatch!(self, i => i.get_layer_from_blob(blob).await)
+    }
+    async fn put_layer_from_blob(&self, blob: &Digest, rec: &LayerRecord) -> Result<(), IndexError> {
+        dispatch!(self, i => i.put_layer_from_blob(blob, rec).await)
     }
     async fn get_image(&self, manifest: &Digest) -> Result<Option<ImageRecord>, IndexError> {
         dispatch!(self, i => i.get_image(manifest).await)

@@ -64,8 +64,13 @@ fn layer_key(d: &Digest) -> String {
     format!("sl:l:{}", d.hex())
 }
 
+fn layer_blob_key(d: &Digest) -> String {
+    format!("sl:lb:{}", d.hex())
+}
+
+/// Version 2: keys `sl:i:` of earlier versions are not read (see `Index::get_image`).
 fn image_key(d: &Digest) -> String {
-    format!("sl:i:{}", d.hex())
+    format!("sl:i2:{}", d.hex())
 }
 
 /// Tags cannot contain `:`, so the last `:` separates name (which may hold `host:port`) and tag.
@@ -187,8 +192,12 @@ impl Index for RedisIndex {
         // SET NX: the first location recorded for a content stays, so readers never see it move.
         let cmds = items
             .iter()
-            .map(|(d, loc)| redis::cmd("SET").arg(content_key(d)).arg(loc.encode()).arg("NX").clone())
-            .collect();
+            .map(|(d, loc)| {
+                let key = content_key(d);
+                let value = loc.encode().map_err(|source| IndexError::Unwritable { key: key.clone(), source })?;
+                Ok(redis::cmd("SET").arg(key).arg(value).arg("NX").clone())
+            })
+            .collect::<Result<_, IndexError>>()?;
         let replies = self.many(cmds, "put contents").await?;
         let added = replies.iter().filter(|v| !matches!(v, Value::Nil)).count();
         debug!(items = items.len(), added, "put contents");
@@ -207,6 +216,18 @@ impl Index for RedisIndex {
         Ok(())
     }
 
+    async fn get_layer_from_blob(&self, blob: &Digest) -> Result<Option<LayerRecord>, IndexError> {
+        let key = layer_blob_key(blob);
+        decode(&key, self.get_raw(&key, "get layer from blob").await?, LayerRecord::decode)
+    }
+
+    async fn put_layer_from_blob(&self, blob: &Digest, rec: &LayerRecord) -> Result<(), IndexError> {
+        let key = layer_blob_key(blob);
+        self.query::<()>(redis::cmd("SET").arg(&key).arg(rec.encode()), "put layer from blob").await?;
+        debug!(%blob, diff_id = %rec.diff_id, "put layer from blob");
+        Ok(())
+    }
+
     async fn get_image(&self, manifest: &Digest) -> Result<Option<ImageRecord>, IndexError> {
         let key = image_key(manifest);
         decode(&key, self.get_raw(&key, "get image").await?, ImageRecord::decode)
@@ -216,7 +237,8 @@ impl Index for RedisIndex {
         // Record first, tag second (they may live on different cluster nodes, so no transaction):
         // a reader that resolves the tag always finds the record.
         let key = image_key(&rec.manifest_digest);
-        self.query::<()>(redis::cmd("SET").arg(&key).arg(rec.encode()), "put image").await?;
+        let value = rec.encode().map_err(|source| IndexError::Unwritable { key: key.clone(), source })?;
+        self.query::<()>(redis::cmd("SET").arg(&key).arg(value), "put image").await?;
         if let Some(tag) = &rec.tag {
             let tkey = tag_key(&rec.name, tag);
             self.query::<()>(redis::cmd("SET").arg(&tkey).arg(rec.manifest_digest.to_string()), "put tag")
@@ -249,7 +271,8 @@ mod tests {
         let hex = d.hex();
         assert_eq!(content_key(&d), format!("sl:c:{hex}"));
         assert_eq!(layer_key(&d), format!("sl:l:{hex}"));
-        assert_eq!(image_key(&d), format!("sl:i:{hex}"));
+        assert_eq!(layer_blob_key(&d), format!("sl:lb:{hex}"));
+        assert_eq!(image_key(&d), format!("sl:i2:{hex}"));
         assert_eq!(tag_key("127.0.0.1:5000/app", "v1"), "sl:t:127.0.0.1:5000/app:v1");
     }
 }

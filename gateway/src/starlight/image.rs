@@ -148,13 +148,19 @@ impl Cache {
             return Ok(p);
         }
         let mut layers = Vec::with_capacity(record.layers.len());
+        // Layers by the compressed blob the manifest names, which produced them; never by diffID.
         for l in &record.layers {
-            let rec = index.get_layer(&l.diff_id).await.map_err(backend_error)?.ok_or_else(|| {
-                GatewayError::Internal(format!(
-                    "image {} names layer {} that the index does not hold",
-                    record.manifest_digest, l.diff_id
-                ))
-            })?;
+            let rec = index
+                .get_layer_from_blob(&l.digest)
+                .await
+                .map_err(backend_error)?
+                .filter(|r| r.diff_id == l.diff_id)
+                .ok_or_else(|| {
+                    GatewayError::Internal(format!(
+                        "image {} names layer {} (diffID {}) that the index does not hold",
+                        record.manifest_digest, l.digest, l.diff_id
+                    ))
+                })?;
             layers.push(rec);
         }
         let tocs = futures::future::try_join_all(layers.iter().map(|l| load_toc(store, l)))

@@ -76,8 +76,8 @@ pub struct Starlight {
     backends: tokio::sync::OnceCell<Arc<Backends>>,
     cache: image::Cache,
     flights: convert::Flights,
-    /// One trace merge at a time per image (in this process).
-    trace_locks: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// One trace merge at a time per repository and image (in this process).
+    trace_locks: Mutex<std::collections::HashMap<(String, Digest), Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<Metrics>,
     upstream: convert::Upstream,
     credentials: Option<Credentials>,
@@ -241,34 +241,39 @@ impl Starlight {
             if is_post { read_digests(req.into_body()).await? } else { HashSet::new() };
         let b = self.backends().await?;
         let record = self.converted(&b, name, digest, &platform, auth.as_ref()).await?;
+        if let Err(refusal) = self.may_read_image(name, &record, auth.as_ref()).await? {
+            return Ok(refusal);
+        }
         let image = self.cache.prepare(&b.store, &b.index, record).await?;
 
-        // Contents of `have` images the caller may pull are not sent.
+        // Contents of `have` images the caller may read are not sent. A `have` that cannot be used
+        // (not readable by the caller, not converted, any error resolving it) is ignored.
         let mut have: HashSet<Digest> = HashSet::new();
         let mut have_used = Vec::new();
         let mut have_images = Vec::new();
         let (mut used, mut ignored) = (0, 0);
         for h in &q.have {
             let repo = h.name.as_deref().unwrap_or(name);
-            let usable = upstream::may_pull(&self.proxy, repo, &h.digest, auth.as_ref()).await?;
-            let record =
-                if usable { b.index.get_image(&h.digest).await.map_err(backend_error)? } else { None };
-            match record {
-                Some(r) => {
-                    let p = self.cache.prepare(&b.store, &b.index, r).await?;
+            match self.have_image(&b, repo, &h.digest, auth.as_ref()).await {
+                Ok(Some(p)) => {
                     have.extend(p.contents());
                     have_used.push(h.digest);
                     have_images.push(p);
                     used += 1;
                 }
-                None => {
-                    debug!(have = %h.digest, usable, "have image ignored");
+                Ok(None) => {
+                    debug!(have = %h.digest, %repo, "have image ignored");
+                    ignored += 1;
+                }
+                Err(e) => {
+                    warn!(have = %h.digest, %repo, error = %e, "have image unusable; ignored");
                     ignored += 1;
                 }
             }
         }
 
-        let (ranks_digest, ranks) = self.load_ranks(&b, &image.record.manifest_digest).await.unzip();
+        // Only the traces of this repository: a copy of the image elsewhere has its own.
+        let (ranks_digest, ranks) = self.load_ranks(&b, name, &image.record.manifest_digest).await.unzip();
         let mut have_used: Vec<Digest> = have_used;
         have_used.sort();
         let key = image::PlanKey { have: have_used, ranks: ranks_digest };
@@ -339,8 +344,11 @@ impl Starlight {
         };
         let b = self.backends().await?;
         let record = self.converted(&b, name, digest, &platform, auth.as_ref()).await?;
+        if let Err(refusal) = self.may_read_image(name, &record, auth.as_ref()).await? {
+            return Ok(refusal);
+        }
         let image = self.cache.prepare(&b.store, &b.index, record).await?;
-        // Only a content of this image: the caller's right to pull it is its right to the content.
+        // Only a content of this image, whose blobs the caller may read.
         if !image.sizes.contains_key(&content) {
             return Err(GatewayError::BadRequest(format!(
                 "image {digest} of {name} has no content {content}"
@@ -368,6 +376,41 @@ impl Starlight {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
         h.insert("starlight-content-size", HeaderValue::from(size));
         Ok(resp)
+    }
+
+    /// Checks that the caller may read, in repository `name`, every blob the image's converted
+    /// data came from (its layers and config): what the gateway serves of an image is never more
+    /// than the caller could read from the registry itself.
+    async fn may_read_image(
+        &self,
+        name: &str,
+        record: &starlight_format::ImageRecord,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Result<(), upstream::Refusal>, GatewayError> {
+        let blobs = record.layers.iter().map(|l| l.digest).chain([record.config_digest]);
+        upstream::may_read_blobs(&self.proxy, name, blobs, auth).await
+    }
+
+    /// A `have` image `repo@digest`, prepared, if the caller may use it: it may pull the manifest and
+    /// read every blob of it in `repo`, and the image is converted.
+    async fn have_image(
+        &self,
+        b: &Backends,
+        repo: &str,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Option<Arc<Prepared>>, GatewayError> {
+        if !upstream::may_pull(&self.proxy, repo, digest, auth).await? {
+            return Ok(None);
+        }
+        let Some(record) = b.index.get_image(digest).await.map_err(backend_error)? else {
+            return Ok(None);
+        };
+        if let Err(refusal) = self.may_read_image(repo, &record, auth).await? {
+            debug!(have = %digest, %repo, status = %refusal.status(), "have image's blobs refused");
+            return Ok(None);
+        }
+        Ok(Some(self.cache.prepare(&b.store, &b.index, record).await?))
     }
 
     /// The header and the steps of a bundle of `image` without the `have` and `held` contents.
@@ -581,9 +624,10 @@ impl Starlight {
         out
     }
 
-    /// The image's merged traces and the digest of their stored form, if any.
-    async fn load_ranks(&self, b: &Backends, image: &Digest) -> Option<(Digest, order::Ranks)> {
-        let key = order::ranks_key(image);
+    /// The merged traces of `image` in repository `name` and the digest of their stored form, if
+    /// any.
+    async fn load_ranks(&self, b: &Backends, name: &str, image: &Digest) -> Option<(Digest, order::Ranks)> {
+        let key = order::ranks_key(name, image);
         match b.store.size(&key).await {
             Ok(Some(_)) => {}
             Ok(None) => return None,
@@ -637,13 +681,13 @@ impl Starlight {
         let lock = {
             let mut locks =
                 self.trace_locks.lock().map_err(|_| GatewayError::Internal("trace lock".into()))?;
-            locks.entry(image).or_default().clone()
+            locks.entry((name.to_string(), image)).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let mut ranks = self.load_ranks(&b, &image).await.map(|(_, r)| r).unwrap_or_default();
+        let mut ranks = self.load_ranks(&b, name, &image).await.map(|(_, r)| r).unwrap_or_default();
         ranks.add(&trace);
         b.store
-            .put_bytes(&order::ranks_key(&image), Bytes::from(ranks.encode()))
+            .put_bytes(&order::ranks_key(name, &image), Bytes::from(ranks.encode()))
             .await
             .map_err(backend_error)?;
         info!(%name, %image, paths = trace.len(), traces = ranks.traces, "trace merged");

@@ -350,9 +350,12 @@ pub fn decode_paths(data: &[u8]) -> Result<Vec<Vec<u8>>, starlight_format::Forma
     Ok(out)
 }
 
-/// Object-store key of an image's merged traces.
-pub fn ranks_key(image: &Digest) -> String {
-    format!("traces/sha256/{}", image.hex())
+/// Object-store key of the merged traces of image `image` in repository `name`. Traces are kept
+/// per repository: a pusher's traces reorder only the bundles of repositories it may push to. (The
+/// fixed-length tail keeps keys of different names apart; keys of earlier versions,
+/// `traces/sha256/<hex>`, name no repository and are not read.)
+pub fn ranks_key(name: &str, image: &Digest) -> String {
+    format!("traces/{name}/sha256/{}", image.hex())
 }
 
 /// Every content of the image once, without traces: start-up paths, `/etc`, then the rest in path

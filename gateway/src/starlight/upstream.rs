@@ -85,6 +85,64 @@ pub async fn may_pull(
     Ok(proxy.forward(req).await?.status().is_success())
 }
 
+/// Checks that the caller may read blob `digest` in repository `name` (a HEAD of the blob as the
+/// caller succeeds). Registries link blobs per repository, so this is the caller's right to the
+/// bytes, not merely to some repository that holds them. A refusal comes back as the upstream's
+/// own response.
+pub async fn may_read_blob(
+    proxy: &Proxy,
+    name: &str,
+    digest: &Digest,
+    auth: Option<&HeaderValue>,
+) -> Result<Result<(), Refusal>, GatewayError> {
+    let resp = proxy.forward(request(Method::HEAD, &format!("/v2/{name}/blobs/{digest}"), auth)?).await?;
+    let status = resp.status();
+    // A redirect to the blob's storage is the registry's yes.
+    if status.is_success() || status.is_redirection() {
+        return Ok(Ok(()));
+    }
+    // A HEAD's answer has no body: the caller gets the status and challenge with an error body.
+    let code = match status {
+        StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
+        StatusCode::FORBIDDEN => "DENIED",
+        StatusCode::NOT_FOUND => "BLOB_UNKNOWN",
+        _ => "UNKNOWN",
+    };
+    let message = format!("the registry refused blob {digest} of {name} to the caller ({status})");
+    let mut refusal = crate::error::oci_error(status, code, &message);
+    if let Some(challenge) = resp.headers().get(header::WWW_AUTHENTICATE) {
+        refusal.headers_mut().insert(header::WWW_AUTHENTICATE, challenge.clone());
+    }
+    Ok(Err(refusal))
+}
+
+/// HEADs at once (a few at a time) in which the caller may read each of `blobs` in `name`;
+/// the first refusal, if any.
+pub async fn may_read_blobs(
+    proxy: &Proxy,
+    name: &str,
+    blobs: impl IntoIterator<Item = Digest>,
+    auth: Option<&HeaderValue>,
+) -> Result<Result<(), Refusal>, GatewayError> {
+    use futures::StreamExt;
+    let mut unique: Vec<Digest> = blobs.into_iter().collect();
+    unique.sort();
+    unique.dedup();
+    let mut checks = futures::stream::iter(unique)
+        .map(|d| async move { (d, may_read_blob(proxy, name, &d, auth).await) })
+        .buffer_unordered(BLOB_CHECKS);
+    while let Some((d, r)) = checks.next().await {
+        if let Err(refusal) = r? {
+            tracing::debug!(%name, blob = %d, status = %refusal.status(), "blob refused to the caller");
+            return Ok(Err(refusal));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Blob HEADs in flight per request.
+const BLOB_CHECKS: usize = 16;
+
 /// Checks that the caller may push to `name`: starts a blob upload as the caller and cancels it at
 /// once (the registry's own test of push rights; nothing is written).
 pub async fn may_push(
