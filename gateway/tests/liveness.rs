@@ -296,7 +296,14 @@ async fn a_client_leaving_after_the_header_does_not_stall_other_bundles() {
     // Many small files: bundles of these need batches made first.
     push_image(dir.path(), &registry, "small1", 400, 60 << 10, 5);
     push_image(dir.path(), &registry, "small2", 400, 60 << 10, 6);
-    let gw = gateway(&registry, dir.path(), |c| c.recompress_workers = 1).await;
+    // One making at a time, and room for a bundle to have many in flight.
+    let gw = gateway(&registry, dir.path(), |c| {
+        c.recompress_workers = 1;
+        c.bundle_read_ahead = 32 << 20;
+        c.bundle_memory_per_client = 32 << 20;
+        c.bundle_memory = 64 << 20;
+    })
+    .await;
     let mut leaving = TcpStream::connect(gw.addr).await.unwrap();
     leaving.write_all(&bundle_request("small1")).await.unwrap();
     let mut first = [0u8; 512];
