@@ -9,10 +9,13 @@
 //!   streaming throughput from the local store.
 //! - `load`: many workers pulling one unconverted image at once: one conversion, every tree
 //!   correct, time to first byte, gateway memory.
+//! - `attack`: idle, slow-body and non-reading clients against one gateway while `skopeo copy` and
+//!   `starlight-pull` must complete; their times quiet and under attack, the gateway's RSS and fds.
 //! - `wan`: real application images over an emulated WAN, pull start to ready line, Starlight
 //!   against containerd (see `sweep`); `wan-report` re-renders a run's table and plot.
 //! - `wan-check`: the emulated WAN's self-check: measured RTT and throughput against the settings.
 
+mod attack;
 mod bundle;
 mod gateway;
 mod load;
@@ -136,6 +139,28 @@ enum Cmd {
         #[arg(long)]
         gateway_config: Option<PathBuf>,
     },
+    /// Idle, slow-body and non-reading clients attack one gateway while a `skopeo copy` and a
+    /// `starlight-pull` must complete.
+    Attack {
+        /// The gateway binary (default: `starlight-gateway` next to this binary).
+        #[arg(long)]
+        gateway_bin: Option<PathBuf>,
+        /// The worker binary (default: `starlight-pull` next to this binary).
+        #[arg(long)]
+        pull_bin: Option<PathBuf>,
+        /// OCI layout with the Debian image `app` (scripts/debian-image.sh).
+        #[arg(long, default_value = "/var/tmp/starlight-images/oci")]
+        layout: PathBuf,
+        /// Connections that never send a byte.
+        #[arg(long, default_value_t = 1000)]
+        idle: usize,
+        /// Uploads whose body comes a byte a second.
+        #[arg(long, default_value_t = 1000)]
+        slow_body: usize,
+        /// Bundle requests whose response is never read.
+        #[arg(long, default_value_t = 20)]
+        non_reading: usize,
+    },
     /// Application images over an emulated WAN: Starlight against containerd, fresh and update.
     Wan {
         /// A few images at one RTT, one round (within 10 minutes once the images are built).
@@ -191,6 +216,9 @@ fn main() -> anyhow::Result<()> {
             gateway::run(gateway_bin, blob_mib, rounds, clients)
         }
         Cmd::Relay { listen, upstream } => relay::serve(&listen, &upstream),
+        Cmd::Attack { gateway_bin, pull_bin, layout, idle, slow_body, non_reading } => {
+            attack::run(gateway_bin, pull_bin, &layout, attack::Attackers { idle, slow_body, non_reading })
+        }
         Cmd::Load { gateway_bin, layout, tag, workers, gateway_config } => {
             load::run(gateway_bin, &layout, &tag, workers, gateway_config.as_deref())
         }

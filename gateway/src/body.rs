@@ -110,3 +110,83 @@ pub async fn collect_capped(mut body: Body, max: usize) -> Result<Bytes, String>
     }
     Ok(out.freeze())
 }
+
+/// A request body that made no progress for its read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body sent less than {} bytes in {:?}", MIN_PROGRESS, .0)]
+pub struct BodyReadTimeout(pub std::time::Duration);
+
+/// Bytes a request body must deliver within its read timeout to count as progress: a client that
+/// trickles a byte now and then holds its slot no longer than one that sends nothing.
+pub const MIN_PROGRESS: usize = 1024;
+
+pin_project_lite::pin_project! {
+    /// A request body that fails with [`BodyReadTimeout`] when, while read, less than
+    /// [`MIN_PROGRESS`] bytes arrive within `timeout`; `fired` says so to whoever answers.
+    pub struct ReadTimeout {
+        #[pin]
+        inner: Body,
+        timeout: std::time::Duration,
+        progress: usize,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+}
+
+impl ReadTimeout {
+    pub fn new(inner: Body, timeout: std::time::Duration) -> Self {
+        ReadTimeout { inner, timeout, progress: 0, sleep: None, fired: Default::default() }
+    }
+
+    /// Set once the timeout has failed the body.
+    pub fn fired(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.fired.clone()
+    }
+}
+
+impl http_body::Body for ReadTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.progress += frame.data_ref().map_or(0, Bytes::len);
+                if *this.progress >= MIN_PROGRESS {
+                    // Progress: the next wait starts its own clock.
+                    *this.progress = 0;
+                    this.sleep.set(None);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(end) => Poll::Ready(end),
+            Poll::Pending => {
+                if this.sleep.is_none() {
+                    this.sleep.set(Some(tokio::time::sleep(*this.timeout)));
+                }
+                match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        this.fired.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Poll::Ready(Some(Err(Box::new(BodyReadTimeout(*this.timeout)))))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -23,8 +23,22 @@ pub struct Config {
     pub upstream_timeout: f64,
     /// A client must send its request head within this time.
     pub header_read_timeout: f64,
-    /// Requests processed at once; beyond this, requests are shed with 503.
+    /// A connection with no request in flight that sends nothing for this long is closed (also
+    /// one that never sends a byte, and an idle HTTP/2 connection).
+    pub idle_timeout: f64,
+    /// A request body that delivers less than 1 KiB in this long fails the request with 408 (a
+    /// trickle holds a concurrency slot no longer than silence).
+    pub body_read_timeout: f64,
+    /// A connection whose client takes none of its response for this long is cut (and a bundle's
+    /// read-ahead budget returned).
+    pub write_stall_timeout: f64,
+    /// Connections open at once; beyond this, a new connection gets 503 and is closed.
+    pub max_connections: usize,
+    /// Pass-through requests processed at once; beyond this, they are shed with 503.
     pub max_concurrency: usize,
+    /// Starlight requests (bundles, traces, contents, notifications) processed at once, apart
+    /// from the pass-through's so that neither can starve the other; beyond this, 503.
+    pub max_starlight_concurrency: usize,
     /// Largest request head accepted (at least 8192); larger gets 431.
     pub max_header_bytes: usize,
     /// Largest manifest accepted on push.
@@ -49,6 +63,9 @@ pub struct Config {
     pub bundle_read_ahead: u64,
     /// Bytes read ahead for all bundles together: bounds the gateway's memory under load.
     pub bundle_memory: u64,
+    /// Bytes read ahead for all bundles of one client (IP address) together: a few clients that
+    /// read nothing cannot take the whole `bundle_memory`.
+    pub bundle_memory_per_client: u64,
     /// zstd level of batches (small files compressed together) and patches (an updated file sent
     /// as its difference from the version the worker holds); each is made once and kept in the
     /// store.
@@ -71,7 +88,12 @@ impl Default for Config {
             connect_timeout: 5.0,
             upstream_timeout: 60.0,
             header_read_timeout: 30.0,
+            idle_timeout: 60.0,
+            body_read_timeout: 30.0,
+            write_stall_timeout: 60.0,
+            max_connections: 4096,
             max_concurrency: 1024,
+            max_starlight_concurrency: 256,
             max_header_bytes: 64 * 1024,
             max_manifest_bytes: 4 << 20,
             shutdown_grace: 30.0,
@@ -83,6 +105,7 @@ impl Default for Config {
             cache_images: 64,
             bundle_read_ahead: 8 << 20,
             bundle_memory: 48 << 20,
+            bundle_memory_per_client: 16 << 20,
             recompress_level: 9,
             recompress_workers: 2,
             otlp_endpoint: None,
@@ -129,6 +152,9 @@ impl Config {
             ("connect_timeout", self.connect_timeout),
             ("upstream_timeout", self.upstream_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+            ("write_stall_timeout", self.write_stall_timeout),
             ("shutdown_grace", self.shutdown_grace),
             ("convert_timeout", self.convert_timeout),
         ] {
@@ -138,6 +164,12 @@ impl Config {
         }
         if self.max_concurrency == 0 {
             return invalid("max_concurrency", "must be at least 1");
+        }
+        if self.max_starlight_concurrency == 0 {
+            return invalid("max_starlight_concurrency", "must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
         }
         if self.max_header_bytes < 8192 {
             return invalid("max_header_bytes", "must be at least 8192");
@@ -157,6 +189,9 @@ impl Config {
         }
         if self.bundle_memory < self.bundle_read_ahead {
             return invalid("bundle_memory", "must be at least bundle_read_ahead");
+        }
+        if !(self.bundle_read_ahead..=self.bundle_memory).contains(&self.bundle_memory_per_client) {
+            return invalid("bundle_memory_per_client", "must be from bundle_read_ahead to bundle_memory");
         }
         if self.bundle_read_ahead < (1 << 20) {
             return invalid("bundle_read_ahead", "must be at least 1 MiB (1048576)");

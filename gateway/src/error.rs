@@ -24,6 +24,8 @@ pub enum GatewayError {
     Overloaded,
     #[error("request took longer than {0:?}")]
     Timeout(std::time::Duration),
+    #[error("the request body sent less than {} bytes in {:?}", crate::body::MIN_PROGRESS, .0)]
+    BodyReadTimeout(std::time::Duration),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -49,6 +51,7 @@ impl GatewayError {
             GatewayError::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             GatewayError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
             GatewayError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
+            GatewayError::BodyReadTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "UNKNOWN"),
             GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
             GatewayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             GatewayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),

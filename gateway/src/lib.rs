@@ -56,12 +56,18 @@ pub async fn run_with(
     )?;
     let metrics = Arc::new(layers::Metrics::default());
     let starlight = Arc::new(starlight::Starlight::new(&config, proxy.clone(), metrics.clone(), backends));
-    let shared =
-        Arc::new(router::Shared { proxy, metrics, max_manifest_bytes: config.max_manifest_bytes, starlight });
+    let shared = Arc::new(router::Shared {
+        proxy,
+        metrics: metrics.clone(),
+        max_manifest_bytes: config.max_manifest_bytes,
+        body_read_timeout: Config::secs(config.body_read_timeout),
+        starlight,
+    });
     let service = stack::build(
         shared,
         &stack::StackConfig {
             max_concurrency: config.max_concurrency,
+            max_starlight_concurrency: config.max_starlight_concurrency,
             // A backstop above the proxy's upstream timeout and the conversion timeout, so that
             // their more precise answers win.
             request_timeout: Config::secs(
@@ -73,7 +79,10 @@ pub async fn run_with(
         max_header_bytes: config.max_header_bytes,
         header_read_timeout: Config::secs(config.header_read_timeout),
         shutdown_grace: Config::secs(config.shutdown_grace),
+        idle_timeout: Config::secs(config.idle_timeout),
+        write_stall_timeout: Config::secs(config.write_stall_timeout),
+        max_connections: config.max_connections,
     };
-    server::serve(listener, service, server_cfg, shutdown).await;
+    server::serve(listener, service, server_cfg, metrics, shutdown).await;
     Ok(())
 }

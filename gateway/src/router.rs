@@ -22,6 +22,8 @@ pub struct Shared {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub max_manifest_bytes: u64,
+    /// A request body that sends nothing for this long fails its request with 408.
+    pub body_read_timeout: Duration,
     pub starlight: Arc<crate::starlight::Starlight>,
 }
 
@@ -61,33 +63,42 @@ where
                     return Err(classify(req.uri().path()).err().unwrap_or(GatewayError::NotFound).into());
                 }
             };
-            let req = req.map(boxed);
-            match route {
-                Route::Live => Ok(text(StatusCode::OK, "ok\n")),
-                Route::Ready => Ok(ready(&shared.proxy).await),
-                Route::Metrics => {
-                    let mut r = text(StatusCode::OK, &shared.metrics.render());
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
-                    );
-                    Ok(r)
-                }
-                Route::Starlight { name, rest } => {
-                    Ok(shared.starlight.clone().handle(&name, &rest, req).await?)
-                }
-                Route::Notifications => Ok(shared.starlight.clone().notifications(req).await?),
-                Route::Registry { kind: Kind::Manifest, .. } if req.method() == Method::PUT => {
-                    let req = limit_body(req, shared.max_manifest_bytes)?;
-                    Ok(shared.proxy.forward(req).await?)
-                }
-                Route::Base | Route::Catalog | Route::Registry { .. } => {
-                    Ok(shared.proxy.forward(req).await?)
-                }
+            let (parts, body) = req.into_parts();
+            let body = crate::body::ReadTimeout::new(boxed(body), shared.body_read_timeout);
+            let stalled = body.fired();
+            let req = Request::from_parts(parts, boxed(body));
+            let answer = branch(&shared, route, req).await;
+            // Whatever a branch made of its body's failure (the proxy: upstream unreachable), a
+            // stalled body is the client's doing and says so.
+            if stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                shared.metrics.conn.timed_out("body_read");
+                return Err(GatewayError::BodyReadTimeout(shared.body_read_timeout).into());
             }
+            answer
         })
+    }
+}
+
+/// Answers `req` in the branch of `route`.
+async fn branch(shared: &Shared, route: Route, req: Request<Body>) -> Result<Response<Body>, BoxError> {
+    match route {
+        Route::Live => Ok(text(StatusCode::OK, "ok\n")),
+        Route::Ready => Ok(ready(&shared.proxy).await),
+        Route::Metrics => {
+            let mut r = text(StatusCode::OK, &shared.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            Ok(r)
+        }
+        Route::Starlight { name, rest } => Ok(shared.starlight.clone().handle(&name, &rest, req).await?),
+        Route::Notifications => Ok(shared.starlight.clone().notifications(req).await?),
+        Route::Registry { kind: Kind::Manifest, .. } if req.method() == Method::PUT => {
+            let req = limit_body(req, shared.max_manifest_bytes)?;
+            Ok(shared.proxy.forward(req).await?)
+        }
+        Route::Base | Route::Catalog | Route::Registry { .. } => Ok(shared.proxy.forward(req).await?),
     }
 }
 

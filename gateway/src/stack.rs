@@ -12,7 +12,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::body::Body;
-use crate::layers::{AccessLogLayer, ClassifyLayer, MetricsLayer, OciErrorLayer};
+use crate::layers::{AccessLogLayer, ClassifyLayer, LimitLayer, MetricsLayer, OciErrorLayer};
 use crate::router::{Router, Shared};
 
 /// The service the server runs for every connection.
@@ -23,6 +23,7 @@ pub type GatewayService =
 #[derive(Clone, Debug)]
 pub struct StackConfig {
     pub max_concurrency: usize,
+    pub max_starlight_concurrency: usize,
     pub request_timeout: Duration,
 }
 
@@ -43,9 +44,9 @@ pub fn build(shared: Arc<Shared>, cfg: &StackConfig) -> GatewayService {
         .layer(MetricsLayer::new(metrics))
         // Every error below becomes an OCI error response; nothing below can fail a connection.
         .layer(OciErrorLayer { request_timeout: cfg.request_timeout })
-        // Past the concurrency limit, answer 503 at once rather than queue without bound.
-        .load_shed()
-        .concurrency_limit(cfg.max_concurrency)
+        // Past a concurrency limit, answer 503 at once rather than queue without bound; the
+        // pass-through and the Starlight endpoints have a limit each, so neither starves the other.
+        .layer(LimitLayer::new(cfg.max_concurrency, cfg.max_starlight_concurrency))
         // No response head may take longer than this (the proxy's upstream timeout is shorter).
         .timeout(cfg.request_timeout)
         // Health, metrics, Starlight endpoints, and the pass-through proxy for the rest.

@@ -46,6 +46,45 @@ pub struct Metrics {
     /// Batch and patch records sent (small files together; updated files as differences).
     pub bundle_batches: Counter,
     pub bundle_patches: Counter,
+    /// Connection limits and timeouts.
+    pub conn: ConnMetrics,
+}
+
+/// Why a connection or a request was cut short by a limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// What the connection limits and timeouts did.
+#[derive(Debug, Default)]
+pub struct ConnMetrics {
+    pub open: Gauge,
+    /// Connections refused at once because `max_connections` were open.
+    pub refused: Counter,
+    /// Connections closed or requests failed by a timeout: `idle`, `write_stall`, `body_read`.
+    pub timeouts: Family<ReasonLabel, Counter>,
+}
+
+impl ConnMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("connections_open", "Client connections open", self.open.clone());
+        registry.register(
+            "connections_refused",
+            "Connections refused because max_connections were open",
+            self.refused.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Connections closed (idle, write_stall) or requests failed (body_read) by a timeout",
+            self.timeouts.clone(),
+        );
+    }
+
+    /// Counts one timeout of this kind.
+    pub fn timed_out(&self, reason: &'static str) {
+        self.timeouts.get_or_create(&ReasonLabel { reason }).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -99,6 +138,8 @@ impl Default for Metrics {
             bundle_batches.clone(),
         );
         registry.register("bundle_patches", "Contents sent as patches in bundles", bundle_patches.clone());
+        let conn = ConnMetrics::default();
+        conn.register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -111,6 +152,7 @@ impl Default for Metrics {
             bundle_contents,
             bundle_batches,
             bundle_patches,
+            conn,
         }
     }
 }

@@ -124,7 +124,7 @@ impl Starlight {
                 config.recompress_workers,
                 metrics.clone(),
             ),
-            shared_budget: stream::SharedBudget::new(config.bundle_memory),
+            shared_budget: stream::SharedBudget::new(config.bundle_memory, config.bundle_memory_per_client),
         }
     }
 
@@ -229,6 +229,7 @@ impl Starlight {
         let q = BundleQuery::parse(req.uri().query().unwrap_or(""))?;
         let auth = req.headers().get(header::AUTHORIZATION).cloned();
         let is_post = req.method() == Method::POST;
+        let peer = req.extensions().get::<crate::server::Peer>().map(|p| p.0.ip());
         let platform = q.platform.clone().unwrap_or_else(Platform::host);
 
         // Access first, storage second: an unauthorized caller learns nothing, not even whether the
@@ -302,7 +303,7 @@ impl Starlight {
             b.store.clone(),
             self.recompressor.clone(),
             self.read_ahead,
-            self.shared_budget.clone(),
+            self.shared_budget.for_client(peer),
         );
         let mut resp = Response::new(boxed(body));
         let h = resp.headers_mut();

@@ -447,6 +447,10 @@ pub fn batch_key(level: i32, items: &[(Digest, ContentLocation)]) -> String {
     format!("batches/sha256/{}", h.finish().hex())
 }
 
+/// A batch or patch still being made after this long is given up (its slot freed); its bundles
+/// send the stored frames instead.
+const MAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 type Making = futures::future::Shared<futures::future::BoxFuture<'static, Option<Bytes>>>;
 
 /// How batches and patches are made: the zstd level, how many may be made at once (each holds
@@ -483,15 +487,26 @@ impl Recompressor {
                 Some(f) => f.clone(),
                 None => {
                     let (making, k) = (self.making.clone(), key.to_string());
-                    let f = async move {
-                        let r = make.await;
+                    // The making runs in its own task, holding its slot: it finishes (or times out)
+                    // and frees the slot whether or not anyone still waits for it. A future that ran
+                    // only while awaited would keep the slot when its last waiter left, and stall
+                    // every bundle that needs another batch or patch.
+                    let task = tokio::spawn(async move {
+                        let r = match tokio::time::timeout(MAKE_TIMEOUT, make).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                warn!(key = %k, timeout = ?MAKE_TIMEOUT, "making took too long; sending frames");
+                                None
+                            }
+                        };
+                        // The lock is held while the task is spawned and registered, so this
+                        // removal always follows the insertion.
                         if let Ok(mut m) = making.lock() {
                             m.remove(&k);
                         }
                         r
-                    }
-                    .boxed()
-                    .shared();
+                    });
+                    let f = async move { task.await.ok().flatten() }.boxed().shared();
                     m.insert(key.to_string(), f.clone());
                     f
                 }
@@ -655,24 +670,57 @@ async fn batch_of(store: &AnyStore, rc: &Recompressor, b: &BatchStep) -> Option<
     rc.once(&key, Box::pin(make)).await
 }
 
-/// Bytes read ahead for all bundles together (KiB permits).
+/// Bytes read ahead for all bundles together (KiB permits), and for all bundles of one client: a
+/// client (by IP address) holds at most its share, so a few clients that read nothing cannot take
+/// the whole budget from the others.
 #[derive(Clone, Debug)]
 pub struct SharedBudget {
     pub semaphore: Arc<Semaphore>,
-    pub units: u32,
+    per_client: u32,
+    clients: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, std::sync::Weak<Semaphore>>>>,
+    /// This client's budget (see [`SharedBudget::for_client`]).
+    client: Option<Arc<Semaphore>>,
 }
 
 impl SharedBudget {
-    pub fn new(bytes: u64) -> SharedBudget {
+    /// `bytes` for all bundles, `per_client` of them for the bundles of one client.
+    pub fn new(bytes: u64, per_client: u64) -> SharedBudget {
         let units = (bytes / UNIT).clamp(1, u64::from(u32::MAX >> 3)) as u32;
-        SharedBudget { semaphore: Arc::new(Semaphore::new(units as usize)), units }
+        let per_client = (per_client / UNIT).clamp(1, u64::from(units)) as u32;
+        SharedBudget {
+            semaphore: Arc::new(Semaphore::new(units as usize)),
+            per_client,
+            clients: Arc::default(),
+            client: None,
+        }
+    }
+
+    /// The budget as seen by the bundles of the client at `ip` (none known: the shared one only).
+    pub fn for_client(&self, ip: Option<std::net::IpAddr>) -> SharedBudget {
+        let client = ip.and_then(|ip| {
+            let mut clients = self.clients.lock().ok()?;
+            if let Some(c) = clients.get(&ip).and_then(std::sync::Weak::upgrade) {
+                return Some(c);
+            }
+            // Clients without a bundle in flight hold nothing; forget them now and then.
+            if clients.len() >= 1024 {
+                clients.retain(|_, c| c.strong_count() > 0);
+            }
+            let c = Arc::new(Semaphore::new(self.per_client as usize));
+            clients.insert(ip, Arc::downgrade(&c));
+            Some(c)
+        });
+        SharedBudget { client, ..self.clone() }
     }
 }
+
+/// Budget a unit holds until its last bytes leave: the bundle's, its client's, the gateway's.
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>, OwnedSemaphorePermit);
 
 /// A piece of the body; the last one of a unit carries the unit's budget permits, the trailer
 /// says the stream is complete.
 enum Piece {
-    Bytes(Bytes, Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>),
+    Bytes(Bytes, Option<Permits>),
     Trailer(Bytes),
     Failed(BoxError),
 }
@@ -702,7 +750,7 @@ impl BundleBody {
         shared: SharedBudget,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
-        let budget_units = (read_ahead / UNIT).clamp(1, u64::from(shared.units)) as u32;
+        let budget_units = (read_ahead / UNIT).clamp(1, u64::from(shared.per_client)) as u32;
         let budget = Arc::new(Semaphore::new(budget_units as usize));
         let remaining = plan.total;
         tokio::spawn(async move {
@@ -715,15 +763,24 @@ impl BundleBody {
             let mut results = std::pin::pin!(
                 futures::stream::iter(units)
                     .then(|u| {
-                        let (budget, shared) = (budget.clone(), shared.semaphore.clone());
+                        let (budget, client, shared) =
+                            (budget.clone(), shared.client.clone(), shared.semaphore.clone());
                         let len: u64 = plan.steps[u.clone()].iter().map(Step::budget).sum();
                         async move {
                             let units = (len.div_ceil(UNIT) as u32).clamp(1, budget_units);
-                            // This bundle's budget first, then the gateway's: a bundle waiting
-                            // for the shared budget holds only what its client has yet to take.
-                            let mine = budget.acquire_many_owned(units).await;
-                            let ours = shared.acquire_many_owned(units).await;
-                            (u, mine.and_then(|m| ours.map(|o| (m, o))))
+                            // This bundle's budget first, then its client's, then the gateway's: a
+                            // bundle waiting for a wider budget holds only what its client has yet
+                            // to take.
+                            let permits = async {
+                                let mine = budget.acquire_many_owned(units).await?;
+                                let theirs = match client {
+                                    Some(c) => Some(c.acquire_many_owned(units).await?),
+                                    None => None,
+                                };
+                                let ours = shared.acquire_many_owned(units).await?;
+                                Ok::<Permits, tokio::sync::AcquireError>((mine, theirs, ours))
+                            };
+                            (u, permits.await)
                         }
                     })
                     .map(|(u, permit)| {

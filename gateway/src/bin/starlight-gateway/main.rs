@@ -34,6 +34,12 @@ struct Args {
     /// Requests processed at once before shedding load with 503.
     #[arg(long)]
     max_concurrency: Option<usize>,
+    /// Starlight requests processed at once before shedding load with 503.
+    #[arg(long)]
+    max_starlight_concurrency: Option<usize>,
+    /// Connections open at once; beyond this, new ones get 503 and are closed.
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -82,6 +88,12 @@ fn main() -> ExitCode {
     }
     if let Some(v) = args.max_concurrency {
         config.max_concurrency = v;
+    }
+    if let Some(v) = args.max_starlight_concurrency {
+        config.max_starlight_concurrency = v;
+    }
+    if let Some(v) = args.max_connections {
+        config.max_connections = v;
     }
     if let Some(v) = args.log_format {
         config.log_format = v;
