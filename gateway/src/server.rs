@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// In-flight requests get this long to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// With this, the listener speaks only TLS (the handshake runs in each connection's task).
+    pub tls: Option<crate::tls::TlsAcceptor>,
 }
 
 /// Serves `service` on `listener` until `shutdown` resolves, then lets in-flight requests finish
@@ -56,11 +58,21 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
-        let conn = graceful.watch(conn.into_owned());
+        let svc = TowerToHyperService::new(service.clone());
+        let ended = move |e: Box<dyn std::error::Error + Send + Sync>| debug!(%peer, error = %e, "connection ended with an error");
+        let Some(tls) = cfg.tls.clone() else {
+            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+            tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
+            continue;
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "connection ended with an error");
+            match tls.accept(stream).await {
+                Ok(stream) => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    watcher.watch(conn).await.unwrap_or_else(ended);
+                }
+                Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
             }
         });
     }
