@@ -172,8 +172,8 @@ async fn skopeo_pulls_through_the_tls_gateway_verified_with_the_test_ca() {
     std::fs::copy(ca.cert(), cert_dir.join("ca.crt")).unwrap();
 
     let tokens = TokenServer::start(vec![
-        User::new("alice", "alice-pw", &[("alice/*", &["pull", "push"])]),
-        User::new("bob", "bob-pw", &[("bob/*", &["pull", "push"])]),
+        User::new("alice", "alice-pw", &[("alice/app", &["pull", "push"])]),
+        User::new("bob", "bob-pw", &[("bob/app", &["pull", "push"])]),
     ]);
     let reg = Registry::start_with_token(&tokens);
     let layout = dir.path().join("layout");

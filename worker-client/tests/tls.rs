@@ -70,8 +70,8 @@ async fn starlight_pull_over_tls_verifies_the_gateway_with_the_ca_file_and_sends
     let ca = TestCa::new(dir.path(), "gw");
     let (cert, key) = ca.server(dir.path(), "server");
     let tokens = TokenServer::start(vec![
-        User::new("alice", "alice-pw", &[("alice/*", &["pull", "push"])]),
-        User::new("bob", "bob-pw", &[("bob/*", &["pull", "push"])]),
+        User::new("alice", "alice-pw", &[("alice/corpus", &["pull", "push"])]),
+        User::new("bob", "bob-pw", &[("bob/corpus", &["pull", "push"])]),
     ]);
     let registry = Registry::start_with_token(&tokens);
     let layout = dir.path().join("layout");
