@@ -150,7 +150,8 @@ impl Observer for Progress {
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STARLIGHT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // The TLS verifier logs what the error line then says.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rustls_platform_verifier=off"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse_from(with_default_command(std::env::args().collect()));
     if let Err(e) = run(cli) {
