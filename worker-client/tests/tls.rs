@@ -156,3 +156,42 @@ async fn credentials_are_refused_over_plain_http_to_a_host_that_is_not_loopback_
     let err = stderr(&out);
     assert!(!out.status.success() && err.contains("--allow-plain-http-credentials"), "snapshotter: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_refused_to_a_plain_http_token_service_that_is_not_loopback() {
+    // A loopback stand-in for a gateway whose registry's challenge names a token service realm on
+    // another host over plain HTTP (10.0.0.1:1 is only a string: nothing connects to it).
+    let realm = "http://10.0.0.1:1/token";
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let _ = s.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"r\",\
+                 scope=\"repository:x/y:pull\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("worker");
+    let gateway = format!("http://{addr}");
+    let started = Instant::now();
+    let out = pull(
+        &["--gateway", &gateway, "--store", store.to_str().unwrap(), "--user", "alice:pw", "x/y:v1"],
+        &[],
+    )
+    .await;
+    let err = stderr(&out);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!("token service {realm}"))
+            && err.contains("plain HTTP")
+            && err.contains("--allow-plain-http-credentials"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
