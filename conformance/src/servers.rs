@@ -9,9 +9,11 @@
 
 mod containerd;
 mod process;
+pub mod tls;
 pub mod token;
 
 pub use containerd::Containerd;
+pub use tls::TestCa;
 pub use token::{TokenServer, User};
 
 use std::path::{Path, PathBuf};

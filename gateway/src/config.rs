@@ -76,6 +76,10 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// `text` or `json` logs.
     pub log_format: String,
+    /// PEM certificate chain and private key (both or neither): with them the listener speaks
+    /// only TLS (HTTP/2 or HTTP/1.1 by ALPN), and reloads them when the files change.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -110,6 +114,8 @@ impl Default for Config {
             recompress_workers: 2,
             otlp_endpoint: None,
             log_format: "text".into(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -198,6 +204,9 @@ impl Config {
         }
         if self.log_format != "text" && self.log_format != "json" {
             return invalid("log_format", "must be text or json");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls_cert", "tls_cert and tls_key go together: set both or neither");
         }
         Ok(())
     }

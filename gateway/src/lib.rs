@@ -10,6 +10,7 @@
 //! - [`route`]: path classification and repository-name validation.
 //! - [`error`]: [`GatewayError`] and the one mapping to OCI error JSON.
 //! - [`server`]: connections, limits, graceful shutdown.
+//! - [`tls`]: the TLS listener's certificate (reloaded when its files change) and ALPN.
 //! - [`starlight`]: the Starlight endpoints: delta bundles, traces, push notifications.
 
 pub mod body;
@@ -22,6 +23,7 @@ pub mod router;
 pub mod server;
 pub mod stack;
 pub mod starlight;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,6 +77,19 @@ pub async fn run_with(
             ),
         },
     );
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            tls::TlsAcceptor::new(&tls::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                // The handshake is part of sending the request head.
+                handshake_timeout: Config::secs(config.header_read_timeout),
+                reload_every: tls::RELOAD_EVERY,
+            })
+            .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     let server_cfg = server::ServerConfig {
         max_header_bytes: config.max_header_bytes,
         header_read_timeout: Config::secs(config.header_read_timeout),
@@ -82,6 +97,7 @@ pub async fn run_with(
         idle_timeout: Config::secs(config.idle_timeout),
         write_stall_timeout: Config::secs(config.write_stall_timeout),
         max_connections: config.max_connections,
+        tls,
     };
     server::serve(listener, service, server_cfg, metrics, shutdown).await;
     Ok(())

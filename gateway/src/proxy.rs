@@ -89,6 +89,10 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         // The client sets Host from the upstream URI.
         parts.headers.remove(header::HOST);
+        // The client's HTTP version (HTTP/2 by ALPN or h2c) is not the upstream's: left at 2, the
+        // client would speak h2 without negotiation to an upstream that may only know HTTP/1.1.
+        // Its own ALPN chooses HTTP/2 where the upstream offers it.
+        parts.version = http::Version::HTTP_11;
         let method = parts.method.clone();
         let sent =
             tokio::time::timeout(self.head_timeout, self.client.request(Request::from_parts(parts, body)));

@@ -17,7 +17,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub write_stall_timeout: Duration,
     /// Connections open at once; a new one past this gets 503 and is closed.
     pub max_connections: usize,
+    /// With this, the listener speaks only TLS (the handshake runs in each connection's task).
+    pub tls: Option<crate::tls::TlsAcceptor>,
 }
 
 /// The address of the client a request came from, in the request's extensions.
@@ -55,7 +57,7 @@ struct Connections {
     service: GatewayService,
     cfg: ServerConfig,
     metrics: Arc<Metrics>,
-    graceful: GracefulShutdown,
+    watcher: Watcher,
 }
 
 /// Serves `service` on `listener` until `shutdown` resolves, then lets in-flight requests finish
@@ -76,7 +78,8 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(cfg.max_header_bytes as u32);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let conns = Connections { builder, service, cfg, metrics, graceful: GracefulShutdown::new() };
+    let graceful = GracefulShutdown::new();
+    let conns = Arc::new(Connections { builder, service, cfg, metrics, watcher: graceful.watcher() });
     let mut last_warned: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -99,16 +102,30 @@ pub async fn serve(
                 last_warned = Some(Instant::now());
                 warn!(%peer, max_connections = conns.cfg.max_connections, "connection limit reached; refusing");
             }
-            refuse(stream, conns.cfg.max_connections);
+            // A TLS client could not read a plain refusal: it is only closed.
+            if conns.cfg.tls.is_none() {
+                refuse(stream, conns.cfg.max_connections);
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
-        serve_connection(stream, peer, slot, &conns);
+        let Some(tls) = conns.cfg.tls.clone() else {
+            serve_connection(stream, peer, slot, &conns);
+            continue;
+        };
+        // The handshake runs in the connection's own task, bounded in time, holding its slot.
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            match tls.accept(stream).await {
+                Ok(stream) => serve_connection(stream, peer, slot, &conns),
+                Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
+            }
+        });
     }
     drop(listener);
     info!("shutting down: waiting for in-flight requests");
     tokio::select! {
-        () = conns.graceful.shutdown() => info!("all connections closed"),
+        () = graceful.shutdown() => info!("all connections closed"),
         () = tokio::time::sleep(conns.cfg.shutdown_grace) => warn!("grace period over; closing remaining connections"),
     }
 }
@@ -142,7 +159,7 @@ where
     let io = Tracked { inner: io, activity: activity.clone() };
     let service = PerConnection { inner: conns.service.clone(), peer, activity: activity.clone() };
     let conn = conns.builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
-    let conn = conns.graceful.watch(conn.into_owned());
+    let conn = conns.watcher.watch(conn.into_owned());
     let (metrics, idle, stall) =
         (conns.metrics.clone(), conns.cfg.idle_timeout, conns.cfg.write_stall_timeout);
     metrics.conn.open.inc();

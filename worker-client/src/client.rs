@@ -1,5 +1,6 @@
 //! The gateway's Starlight endpoints, as the worker calls them.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use starlight_format::Digest;
@@ -53,6 +54,65 @@ pub fn describe(e: &reqwest::Error) -> String {
     parts.join(": ")
 }
 
+/// How the worker reaches the gateway, beyond its URL.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayOptions {
+    /// `USER:PASSWORD` for HTTP Basic (see [`Gateway`]).
+    pub credentials: Option<String>,
+    /// PEM file of CA certificates trusted for `https://` gateways besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Send credentials over plain `http://` to hosts other than loopback (anyone on the path
+    /// reads them). Off by default: such a gateway is refused before any connection.
+    pub allow_plain_http_credentials: bool,
+}
+
+/// The flag that lets credentials go over plain HTTP, as error messages name it.
+pub const ALLOW_PLAIN_HTTP_CREDENTIALS: &str = "--allow-plain-http-credentials";
+
+/// Whether credentials sent to `url` stay private: `https://`, or plain `http://` to a loopback
+/// host (127.0.0.0/8, ::1, `localhost`), which never leaves the machine.
+pub fn keeps_credentials_private(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else { return false };
+    match u.scheme() {
+        "https" => true,
+        "http" => match u.host_str() {
+            Some(h) => {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                match h.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ip.is_loopback(),
+                    Err(_) => h.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
+                }
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Refuses to send credentials to `url` (named `what` in the message) over plain HTTP to anything
+/// but loopback, unless allowed.
+pub fn check_credentials_transport(what: &str, url: &str, allow: bool) -> Result<(), String> {
+    if allow || keeps_credentials_private(url) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} {url}: refusing to send credentials over plain HTTP to a host that is not loopback \
+         (anyone on the path could read them); use https://, or pass {ALLOW_PLAIN_HTTP_CREDENTIALS} \
+         to send them anyway"
+    ))
+}
+
+/// The CA certificates of a PEM file.
+fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("CA file {}: {}", path.display(), describe(&e)))?;
+    if certs.is_empty() {
+        return Err(format!("CA file {}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
 /// Where the gateway is and who the worker is to it.
 #[derive(Clone, Debug)]
 pub struct Gateway {
@@ -61,6 +121,7 @@ pub struct Gateway {
     /// tokens when the registry behind the gateway uses a token service.
     credentials: Option<(String, String)>,
     http: reqwest::Client,
+    allow_plain_http_credentials: bool,
     stall: Duration,
     /// Bearer tokens by repository, once the registry's challenge asked for them.
     tokens: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
@@ -94,13 +155,23 @@ pub struct BundleInfo {
 impl Gateway {
     /// `base` is the gateway's URL (`http://host:port`); `credentials` is `user:password`.
     pub fn new(base: &str, credentials: Option<&str>) -> Result<Gateway, String> {
+        Gateway::with_options(
+            base,
+            &GatewayOptions { credentials: credentials.map(str::to_string), ..GatewayOptions::default() },
+        )
+    }
+
+    /// `base` is the gateway's URL (`http[s]://host:port`). Credentials for a plain-HTTP gateway
+    /// that is not loopback are refused here, before any connection, unless allowed.
+    pub fn with_options(base: &str, opts: &GatewayOptions) -> Result<Gateway, String> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(format!("gateway {base:?}: not an http:// or https:// URL"));
         }
-        let credentials = match credentials {
+        let credentials = match &opts.credentials {
             Some(c) => {
                 let (u, p) = c.split_once(':').ok_or("credentials must be USER:PASSWORD")?;
+                check_credentials_transport("gateway", &base, opts.allow_plain_http_credentials)?;
                 Some((u.to_string(), p.to_string()))
             }
             None => None,
@@ -108,11 +179,20 @@ impl Gateway {
         // No read timeout here: the first answer for an image not converted yet comes only after
         // its conversion. The answer is bounded by `ANSWER_TIMEOUT`, and a stalled body by the
         // stall timeout (see `next_chunk`).
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
-        Ok(Gateway { base, credentials, http, stall: STALL_TIMEOUT, tokens: Default::default() })
+        let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(path) = &opts.ca_file {
+            // Added to the system's roots, which stay trusted.
+            http = http.tls_certs_merge(read_ca_file(path)?);
+        }
+        let http = http.build().map_err(|e| format!("HTTP client: {}", describe(&e)))?;
+        Ok(Gateway {
+            base,
+            credentials,
+            http,
+            allow_plain_http_credentials: opts.allow_plain_http_credentials,
+            stall: STALL_TIMEOUT,
+            tokens: Default::default(),
+        })
     }
 
     /// A body that stalls this long counts as cut (default [`STALL_TIMEOUT`]).
@@ -147,6 +227,10 @@ impl Gateway {
         challenge: &std::collections::HashMap<String, String>,
     ) -> Result<String, ClientError> {
         let realm = &challenge["realm"];
+        if self.credentials.is_some() {
+            check_credentials_transport("token service", realm, self.allow_plain_http_credentials)
+                .map_err(|why| ClientError::Http { url: url.to_string(), why })?;
+        }
         let mut req = self.http.get(realm).timeout(Duration::from_secs(60));
         let mut query: Vec<(&str, &str)> = Vec::new();
         for k in ["service", "scope"] {
@@ -352,5 +436,45 @@ mod tests {
         assert_eq!(repository_of("http://g/v2/a/b/_starlight/bundle?to=v1").as_deref(), Some("a/b"));
         assert_eq!(repository_of("http://g/v2/x/manifests/v1").as_deref(), Some("x"));
         assert_eq!(repository_of("http://g/v2/_starlight/notifications"), None);
+    }
+
+    #[test]
+    fn credentials_go_over_plain_http_only_to_loopback() {
+        for url in [
+            "https://gw.example:8443",
+            "http://127.0.0.1:8080",
+            "http://127.5.6.7",
+            "http://[::1]:80",
+            "http://localhost:8080",
+            "http://LOCALHOST.",
+        ] {
+            assert!(keeps_credentials_private(url), "{url}");
+            assert!(Gateway::new(url, Some("u:p")).is_ok(), "{url}");
+        }
+        for url in ["http://10.0.0.1:1", "http://gw.example", "http://[::2]:80", "http://localhost.example"] {
+            assert!(!keeps_credentials_private(url), "{url}");
+            let e = Gateway::new(url, Some("u:p")).unwrap_err();
+            assert!(e.contains(url) && e.contains(ALLOW_PLAIN_HTTP_CREDENTIALS), "{e}");
+            // Without credentials, or when allowed, the gateway is usable.
+            assert!(Gateway::new(url, None).is_ok(), "{url}");
+            let opts = GatewayOptions {
+                credentials: Some("u:p".into()),
+                allow_plain_http_credentials: true,
+                ..GatewayOptions::default()
+            };
+            assert!(Gateway::with_options(url, &opts).is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        let opts = |p: &Path| GatewayOptions { ca_file: Some(p.into()), ..GatewayOptions::default() };
+        let e = Gateway::with_options("https://127.0.0.1:1", &opts(&path)).unwrap_err();
+        assert!(e.contains("ca.pem"), "{e}");
+        std::fs::write(&path, "no pem here").unwrap();
+        let e = Gateway::with_options("https://127.0.0.1:1", &opts(&path)).unwrap_err();
+        assert!(e.contains("ca.pem") && e.contains("no PEM certificate"), "{e}");
     }
 }

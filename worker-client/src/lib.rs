@@ -22,7 +22,7 @@ pub mod trace;
 #[cfg(test)]
 mod testing;
 
-pub use client::Gateway;
+pub use client::{Gateway, GatewayOptions};
 pub use mount::{MountOptions, Mounted, mount};
 pub use pull::{PullOptions, Report, pull};
 pub use store::{Reference, Store};

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use starlight_format::Digest;
 use starlight_worker::pull::{Observer, Stats};
 use starlight_worker::store::ImageMeta;
-use starlight_worker::{Gateway, MountOptions, PullOptions, Reference, Store};
+use starlight_worker::{Gateway, GatewayOptions, MountOptions, PullOptions, Reference, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +30,13 @@ struct Cli {
     /// USER:PASSWORD for the registry behind the gateway (HTTP Basic).
     #[arg(long, global = true, env = "STARLIGHT_CREDENTIALS", hide_env_values = true)]
     user: Option<String>,
+    /// PEM file of CA certificates to trust for an https:// gateway, besides the system's roots.
+    #[arg(long, global = true, env = "STARLIGHT_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Send --user's credentials even over plain http:// to a gateway that is not loopback
+    /// (anyone on the path can read them); refused otherwise.
+    #[arg(long, global = true)]
+    allow_plain_http_credentials: bool,
     /// Seconds a transfer may receive nothing before it counts as cut (and can be resumed).
     #[arg(long, global = true, default_value_t = 60)]
     stall_timeout: u64,
@@ -143,7 +150,8 @@ impl Observer for Progress {
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STARLIGHT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // The TLS verifier logs what the error line then says.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rustls_platform_verifier=off"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse_from(with_default_command(std::env::args().collect()));
     if let Err(e) = run(cli) {
@@ -159,6 +167,7 @@ fn with_default_command(mut args: Vec<String>) -> Vec<String> {
         "--gateway",
         "--store",
         "--user",
+        "--ca-file",
         "--platform",
         "--stall-timeout",
         "--containerd",
@@ -188,7 +197,12 @@ fn reference(s: &str) -> anyhow::Result<Reference> {
 }
 
 fn gateway(cli: &Cli) -> anyhow::Result<Gateway> {
-    Ok(Gateway::new(&cli.gateway, cli.user.as_deref())
+    let opts = GatewayOptions {
+        credentials: cli.user.clone(),
+        ca_file: cli.ca_file.clone(),
+        allow_plain_http_credentials: cli.allow_plain_http_credentials,
+    };
+    Ok(Gateway::with_options(&cli.gateway, &opts)
         .map_err(anyhow::Error::msg)?
         .with_stall_timeout(Duration::from_secs(cli.stall_timeout)))
 }

@@ -25,6 +25,14 @@ struct Cli {
     /// USER:PASSWORD for the registry behind the gateway (HTTP Basic).
     #[arg(long, env = "STARLIGHT_CREDENTIALS", hide_env_values = true)]
     user: Option<String>,
+    /// PEM file of CA certificates to trust for an https:// gateway, besides the system's roots
+    /// (passed on to mounts).
+    #[arg(long, env = "STARLIGHT_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Send --user's credentials even over plain http:// to a gateway that is not loopback
+    /// (anyone on the path can read them); refused otherwise.
+    #[arg(long)]
+    allow_plain_http_credentials: bool,
     /// Platform of image indexes (os/arch[/variant]); the gateway's by default.
     #[arg(long)]
     platform: Option<String>,
@@ -69,10 +77,20 @@ fn run(cli: Cli) -> Result<(), String> {
     if !pull_bin.exists() {
         return Err(format!("{} not found (set --pull-bin)", pull_bin.display()));
     }
+    // Refused here rather than by every mount this snapshotter would start.
+    if cli.user.is_some() {
+        starlight_worker::client::check_credentials_transport(
+            "gateway",
+            &cli.gateway,
+            cli.allow_plain_http_credentials,
+        )?;
+    }
     let cfg = Config {
         root: cli.root,
         gateway: cli.gateway,
         credentials: cli.user,
+        ca_file: cli.ca_file,
+        allow_plain_http_credentials: cli.allow_plain_http_credentials,
         platform: cli.platform,
         pull_bin,
         read_timeout: cli.read_timeout,

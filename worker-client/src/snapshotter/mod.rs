@@ -51,6 +51,10 @@ pub struct Config {
     pub gateway: String,
     /// `USER:PASSWORD` for the registry behind the gateway; passed to mounts in the environment.
     pub credentials: Option<String>,
+    /// CA certificates for an `https://` gateway; passed to mounts as `--ca-file`.
+    pub ca_file: Option<PathBuf>,
+    /// Passed to mounts as `--allow-plain-http-credentials`.
+    pub allow_plain_http_credentials: bool,
     pub platform: Option<String>,
     /// The `starlight-pull` binary that serves mounts.
     pub pull_bin: PathBuf,
@@ -467,6 +471,12 @@ impl Snapshotter {
         if let Some(p) = &self.cfg.platform {
             cmd.arg("--platform").arg(p);
         }
+        if let Some(p) = &self.cfg.ca_file {
+            cmd.arg("--ca-file").arg(p);
+        }
+        if self.cfg.allow_plain_http_credentials {
+            cmd.arg(crate::client::ALLOW_PLAIN_HTTP_CREDENTIALS);
+        }
         match &self.cfg.credentials {
             Some(c) => cmd.env("STARLIGHT_CREDENTIALS", c),
             None => cmd.env_remove("STARLIGHT_CREDENTIALS"),
@@ -875,6 +885,8 @@ mod tests {
             root: root.to_path_buf(),
             gateway: "http://127.0.0.1:9".into(),
             credentials: None,
+            ca_file: None,
+            allow_plain_http_credentials: false,
             platform: None,
             pull_bin: "/nonexistent/starlight-pull".into(),
             read_timeout: 5,

@@ -43,6 +43,12 @@ struct Args {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// PEM certificate chain: serve only TLS (with --tls-key); reloaded when the file changes.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 /// glibc's malloc, tuned for a server with many short-lived buffers on many threads: few arenas
@@ -98,6 +104,12 @@ fn main() -> ExitCode {
     if let Some(v) = args.log_format {
         config.log_format = v;
     }
+    if let Some(v) = args.tls_cert {
+        config.tls_cert = Some(v);
+    }
+    if let Some(v) = args.tls_key {
+        config.tls_key = Some(v);
+    }
     if config.otlp_endpoint.is_none() {
         config.otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.is_empty());
     }
@@ -128,7 +140,8 @@ fn main() -> ExitCode {
             }
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listen = %addr, upstream = %config.upstream, "starlight-gateway serving");
+        let tls = config.tls_cert.is_some();
+        tracing::info!(listen = %addr, tls, upstream = %config.upstream, "starlight-gateway serving");
         match starlight_gateway::run(listener, config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
