@@ -57,7 +57,6 @@ struct Connections {
     service: GatewayService,
     cfg: ServerConfig,
     metrics: Arc<Metrics>,
-    watcher: Watcher,
 }
 
 /// Serves `service` on `listener` until `shutdown` resolves, then lets in-flight requests finish
@@ -79,7 +78,7 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new()).max_header_list_size(cfg.max_header_bytes as u32);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
-    let conns = Arc::new(Connections { builder, service, cfg, metrics, watcher: graceful.watcher() });
+    let conns = Arc::new(Connections { builder, service, cfg, metrics });
     let mut last_warned: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -109,15 +108,16 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
         let Some(tls) = conns.cfg.tls.clone() else {
-            serve_connection(stream, peer, slot, &conns);
+            serve_connection(stream, peer, slot, watcher, &conns);
             continue;
         };
         // The handshake runs in the connection's own task, bounded in time, holding its slot.
         let conns = conns.clone();
         tokio::spawn(async move {
             match tls.accept(stream).await {
-                Ok(stream) => serve_connection(stream, peer, slot, &conns),
+                Ok(stream) => serve_connection(stream, peer, slot, watcher, &conns),
                 Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
             }
         });
@@ -151,15 +151,20 @@ fn refuse(mut stream: TcpStream, max: usize) {
 
 /// Serves one accepted connection (plain TCP, or a TLS stream over it) in its own task, holding
 /// `slot` of the connection limit until it closes.
-fn serve_connection<IO>(io: IO, peer: SocketAddr, slot: OwnedSemaphorePermit, conns: &Connections)
-where
+fn serve_connection<IO>(
+    io: IO,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    watcher: Watcher,
+    conns: &Connections,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
     let io = Tracked { inner: io, activity: activity.clone() };
     let service = PerConnection { inner: conns.service.clone(), peer, activity: activity.clone() };
     let conn = conns.builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
-    let conn = conns.watcher.watch(conn.into_owned());
+    let conn = watcher.watch(conn.into_owned());
     let (metrics, idle, stall) =
         (conns.metrics.clone(), conns.cfg.idle_timeout, conns.cfg.write_stall_timeout);
     metrics.conn.open.inc();
