@@ -117,7 +117,11 @@ impl ContentLocation {
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
         limit("content location frame count", self.frames.len() as u64, MAX_FRAMES)?;
         if self.frames.is_empty() {
-            return Err(FormatError::OverLimit { what: "content location frame count (minimum 1)", count: 0, max: 0 });
+            return Err(FormatError::OverLimit {
+                what: "content location frame count (minimum 1)",
+                count: 0,
+                max: 0,
+            });
         }
         let mut total = 0u64;
         for f in &self.frames {

@@ -194,7 +194,8 @@ impl Index for RedisIndex {
             .iter()
             .map(|(d, loc)| {
                 let key = content_key(d);
-                let value = loc.encode().map_err(|source| IndexError::Unwritable { key: key.clone(), source })?;
+                let value =
+                    loc.encode().map_err(|source| IndexError::Unwritable { key: key.clone(), source })?;
                 Ok(redis::cmd("SET").arg(key).arg(value).arg("NX").clone())
             })
             .collect::<Result<_, IndexError>>()?;
