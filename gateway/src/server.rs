@@ -59,7 +59,9 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(service.clone());
-        let ended = move |e: Box<dyn std::error::Error + Send + Sync>| debug!(%peer, error = %e, "connection ended with an error");
+        let ended = move |e: Box<dyn std::error::Error + Send + Sync>| {
+            debug!(%peer, error = %e, "connection ended with an error");
+        };
         let Some(tls) = cfg.tls.clone() else {
             let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
             tokio::spawn(async move { conn.await.unwrap_or_else(ended) });
