@@ -977,4 +977,27 @@ mod tests {
         assert!(sn.list(&[]).unwrap().is_empty());
         assert_eq!(std::fs::read_dir(dir.path().join("snapshots")).unwrap().count(), 0);
     }
+
+    #[test]
+    fn mounts_get_the_ca_file_and_the_plain_http_override_as_the_gateway_url() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in for starlight-pull that prints how it was started, and fails.
+        let bin = dir.path().join("fake-pull");
+        std::fs::write(&bin, "#!/bin/sh\necho \"args: $*\"\nexit 1\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = Config {
+            ca_file: Some("/etc/starlight/ca.pem".into()),
+            allow_plain_http_credentials: true,
+            pull_bin: bin,
+            ..config(&dir.path().join("root"))
+        };
+        let sn = Snapshotter::open(cfg).unwrap();
+        let image = format!("x@sha256:{}", "0".repeat(64));
+        let e = sn.create("k", "", labels(&[(TARGET_LABEL, "sha256:c"), (IMAGE_LABEL, &image)]), false);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("--gateway http://127.0.0.1:9 "), "{e}");
+        assert!(e.contains("--ca-file /etc/starlight/ca.pem "), "{e}");
+        assert!(e.contains(" --allow-plain-http-credentials "), "{e}");
+    }
 }
