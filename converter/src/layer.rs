@@ -12,7 +12,7 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use starlight_format::{CHUNK_SIZE, Digest, Entry, Frame, Hasher, Kind, Toc, path};
 
-use crate::ConvertError;
+use crate::{BlobReadError, ConvertError};
 
 /// Writer queue depth, in frames: bounds memory held by compressed-but-unwritten frames.
 const QUEUE: usize = 16;
@@ -114,8 +114,12 @@ pub fn convert_layer(
         drop(write_tx);
         let written = writer.join().map_err(|_| bad(None, "writer thread panicked".into()))?;
         let stream = decompressor.join().map_err(|_| bad(None, "decompressor panicked".into()))?;
-        // A stream error explains a parse error (a truncated gzip truncates the tar), so it wins.
-        let stream = stream.map_err(|why| bad(None, why))?;
+        // A stream error explains a parse error (a truncated gzip truncates the tar), so it wins;
+        // a source that failed (a cut connection) is not the layer's fault.
+        let stream = stream.map_err(|e| match e {
+            StreamError::Bad(why) => bad(None, why),
+            StreamError::Blob(b) => b.into_convert_error(&expect.name),
+        })?;
         let entries = parsed?;
         let stream = stream.ok_or_else(|| bad(None, "tar parser stopped early".into()))?;
         let contents = written.map_err(|e| ConvertError::io(blob.path().display())(e))?;
@@ -154,37 +158,56 @@ struct StreamSums {
     uncompressed_size: u64,
 }
 
-/// Hashes and counts what passes through it.
+/// Why the decompressor stage stopped.
+enum StreamError {
+    /// The layer's bytes are bad (they end up in a `BadLayer`).
+    Bad(String),
+    /// The blob stream itself failed: its source, or its declared size.
+    Blob(BlobReadError),
+}
+
+/// Hashes and counts what passes through it, and keeps what a failure of the blob stream was:
+/// decompressors may wrap or replace the error they pass on, this sees it as the source sent it.
 struct HashingReader<R> {
     inner: R,
     hasher: Hasher,
     count: u64,
+    failed: Option<BlobReadError>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = match self.inner.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                if self.failed.is_none() {
+                    self.failed = BlobReadError::find(&e).cloned();
+                }
+                return Err(e);
+            }
+        };
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
         Ok(n)
     }
 }
 
-/// The decompressor stage. Errors are strings because they end up in a `BadLayer` anyway.
-/// Returns `None` when the parser stopped reading (it failed): there is no point going on.
-fn decompress(
-    input: impl Read,
+/// The decompressor stage. Returns `None` when the parser stopped reading (it failed): there is
+/// no point going on.
+fn decompress<R: Read>(
+    input: R,
     expect: &Expect,
     opts: &Options,
     out: Sender<Vec<u8>>,
-) -> Result<Option<StreamSums>, String> {
-    let hashing = HashingReader { inner: input, hasher: Hasher::new(), count: 0 };
+) -> Result<Option<StreamSums>, StreamError> {
+    let hashing = HashingReader { inner: input, hasher: Hasher::new(), count: 0, failed: None };
     let mut decoder: Box<dyn ReadInto<_>> = match expect.compression {
         Compression::None => Box::new(Plain(hashing)),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(hashing)),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::new(hashing).map_err(|e| format!("zstd decoder: {e}"))?)
-        }
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(hashing)
+                .map_err(|e| StreamError::Bad(format!("zstd decoder: {e}")))?,
+        ),
     };
     let what = match expect.compression {
         Compression::None => "reading layer",
@@ -195,17 +218,26 @@ fn decompress(
     let mut total: u64 = 0;
     loop {
         let mut buf = vec![0u8; PIPE_BUF];
-        let n = read_full(&mut *decoder, &mut buf).map_err(|e| format!("{what}: {e}"))?;
+        let n = match read_full(&mut *decoder, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                // The blob stream's own failure, if it was one, explains the decoder's.
+                let failed = BlobReadError::find(&e).cloned().or_else(|| decoder.into_hashing().failed);
+                return Err(
+                    failed.map_or_else(|| StreamError::Bad(format!("{what}: {e}")), StreamError::Blob)
+                );
+            }
+        };
         if n == 0 {
             break;
         }
         buf.truncate(n);
         total += n as u64;
         if total > opts.max_layer_bytes {
-            return Err(format!(
-                "uncompressed size exceeds the cap of {} bytes (decompression bomb?)",
+            return Err(StreamError::Bad(format!(
+                "uncompressed size exceeds the cap of {} bytes (max_layer_bytes; decompression bomb?)",
                 opts.max_layer_bytes
-            ));
+            )));
         }
         diff.update(&buf);
         if out.send(buf).is_err() {
@@ -214,7 +246,10 @@ fn decompress(
     }
     let mut hashing = decoder.into_hashing();
     // Bytes after the compressed stream's end are part of the blob digest too.
-    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| format!("reading layer: {e}"))?;
+    if let Err(e) = std::io::copy(&mut hashing, &mut std::io::sink()) {
+        let failed = BlobReadError::find(&e).cloned().or(hashing.failed);
+        return Err(failed.map_or_else(|| StreamError::Bad(format!("reading layer: {e}")), StreamError::Blob));
+    }
     Ok(Some(StreamSums {
         compressed_digest: hashing.hasher.finish(),
         compressed_size: hashing.count,
@@ -388,7 +423,10 @@ fn parse_tar(
             continue;
         }
         if entries.len() as u64 >= opts.max_entries {
-            return Err(bad(Some(&raw_path), format!("more than {} entries in one layer", opts.max_entries)));
+            return Err(bad(
+                Some(&raw_path),
+                format!("more than {} entries in one layer (max_entries)", opts.max_entries),
+            ));
         }
         let entry_err = |why: String| bad(Some(&raw_path), why);
         let norm = path::normalize(&raw_path).map_err(|e| entry_err(e.to_string()))?;

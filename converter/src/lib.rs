@@ -20,7 +20,7 @@ pub mod source;
 pub mod store;
 
 pub use convert::{Converter, ImageOutcome, LayerOutcome};
-pub use error::ConvertError;
+pub use error::{BlobReadError, ConvertError};
 pub use index::{AnyIndex, Index};
 pub use source::{Source, SourceOptions};
 pub use store::{AnyStore, ObjectStore};

@@ -2,10 +2,11 @@
 //! challenges (`Bearer realm="…",service="…",scope="…"`, `Basic realm="…"`) and the base64 of
 //! HTTP Basic credentials (not worth a dependency).
 
-/// Parses `Scheme k="v",k2=v2` into the scheme and its parameters.
+/// Parses `Scheme k="v",k2=v2` into the scheme and its parameters. The scheme comes back as sent:
+/// compare it with [`is_scheme`], schemes are case-insensitive (RFC 7235 section 2.1).
 pub fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
     let h = h.trim();
-    let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
+    let (scheme, rest) = h.split_once(char::is_whitespace).unwrap_or((h, ""));
     let mut params = Vec::new();
     let mut chars = rest.chars().peekable();
     loop {
@@ -32,6 +33,19 @@ pub fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
         params.push((key.trim().to_ascii_lowercase(), value));
     }
     (scheme.to_string(), params)
+}
+
+/// Whether `scheme` (from a challenge or an `Authorization` value) is `want`, ignoring ASCII case:
+/// `bearer`, `Bearer` and `BEARER` are one scheme (RFC 7235 section 2.1).
+pub fn is_scheme(scheme: &str, want: &str) -> bool {
+    scheme.eq_ignore_ascii_case(want)
+}
+
+/// The credentials of an `Authorization` value (`Scheme credentials`) when its scheme is `want`,
+/// in any case; `None` for another scheme.
+pub fn credentials_for<'a>(authorization: &'a str, want: &str) -> Option<&'a str> {
+    let (scheme, rest) = authorization.trim().split_once(char::is_whitespace)?;
+    is_scheme(scheme, want).then(|| rest.trim())
 }
 
 /// Standard base64 (with or without padding).
@@ -95,6 +109,26 @@ mod tests {
         assert_eq!(p[2], ("scope".into(), "repository:a/b:pull,push".into()));
         let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
         assert_eq!((s.as_str(), p.len()), ("Basic", 1));
+    }
+
+    /// Issue item 8: the `bearer` scheme was matched case-sensitively somewhere.
+    #[test]
+    fn schemes_are_case_insensitive() {
+        for h in [
+            r#"bearer realm="r",service="s""#,
+            r#"BEARER realm="r",service="s""#,
+            "Bearer\trealm=r,service=s",
+        ] {
+            let (s, p) = parse_challenge(h);
+            assert!(is_scheme(&s, "Bearer") && !is_scheme(&s, "Basic"), "{h}: {s}");
+            assert_eq!(p, vec![("realm".into(), "r".into()), ("service".into(), "s".into())], "{h}");
+        }
+        assert_eq!(credentials_for("bearer abc", "Bearer"), Some("abc"));
+        assert_eq!(credentials_for("BEARER  abc ", "Bearer"), Some("abc"));
+        assert_eq!(credentials_for("bAsIc dXNlcjpwYXNz", "Basic"), Some("dXNlcjpwYXNz"));
+        assert_eq!(credentials_for("Basic dXNlcjpwYXNz", "Bearer"), None);
+        assert_eq!(credentials_for("Bearerabc", "Bearer"), None);
+        assert_eq!(credentials_for("", "Bearer"), None);
     }
 
     #[test]

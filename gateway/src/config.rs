@@ -57,6 +57,10 @@ pub struct Config {
     pub convert_timeout: f64,
     /// Directory for conversion scratch files (default: the system's temporary directory).
     pub work_dir: Option<std::path::PathBuf>,
+    /// Conversions (on demand and on push) refuse a layer larger than this uncompressed.
+    pub convert_max_layer_bytes: u64,
+    /// Conversions refuse a layer with more tar entries than this.
+    pub convert_max_entries: u64,
     /// Images whose flattened metadata is kept in memory.
     pub cache_images: usize,
     /// Bytes of stored frames read ahead per bundle.
@@ -106,6 +110,8 @@ impl Default for Config {
             platforms: Vec::new(),
             convert_timeout: 1800.0,
             work_dir: None,
+            convert_max_layer_bytes: starlight_converter::layer::Options::default().max_layer_bytes,
+            convert_max_entries: starlight_converter::layer::Options::default().max_entries,
             cache_images: 64,
             bundle_read_ahead: 8 << 20,
             bundle_memory: 48 << 20,
@@ -168,6 +174,12 @@ impl Config {
                 return invalid(key, "must be a positive number of seconds");
             }
         }
+        if self.convert_max_layer_bytes == 0 {
+            return invalid("convert_max_layer_bytes", "must be at least 1");
+        }
+        if self.convert_max_entries == 0 {
+            return invalid("convert_max_entries", "must be at least 1");
+        }
         if self.max_concurrency == 0 {
             return invalid("max_concurrency", "must be at least 1");
         }
@@ -213,5 +225,14 @@ impl Config {
 
     pub fn secs(v: f64) -> Duration {
         Duration::from_secs_f64(v)
+    }
+
+    /// The converter's options for conversions on demand and on push: its caps from this config.
+    pub fn convert_options(&self) -> starlight_converter::layer::Options {
+        starlight_converter::layer::Options {
+            max_layer_bytes: self.convert_max_layer_bytes,
+            max_entries: self.convert_max_entries,
+            ..starlight_converter::layer::Options::default()
+        }
     }
 }

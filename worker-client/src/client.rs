@@ -131,7 +131,7 @@ pub struct Gateway {
 fn bearer_challenge(h: &str) -> Option<std::collections::HashMap<String, String>> {
     let (scheme, params) = starlight_format::auth::parse_challenge(h);
     let params: std::collections::HashMap<String, String> = params.into_iter().collect();
-    (scheme.eq_ignore_ascii_case("bearer") && params.contains_key("realm")).then_some(params)
+    (starlight_format::auth::is_scheme(&scheme, "Bearer") && params.contains_key("realm")).then_some(params)
 }
 
 /// The repository a gateway URL is about (`/v2/<name>/_starlight/...`, `/v2/<name>/manifests/...`).
@@ -433,6 +433,9 @@ mod tests {
         assert_eq!(c["scope"], "repository:a/b:pull,push");
         assert!(bearer_challenge(r#"Basic realm="x""#).is_none());
         assert!(bearer_challenge("Bearer service=x").is_none());
+        // Schemes are case-insensitive (RFC 7235; issue item 8).
+        assert_eq!(bearer_challenge(r#"bearer realm="r""#).unwrap()["realm"], "r");
+        assert_eq!(bearer_challenge("BEARER\trealm=r").unwrap()["realm"], "r");
         assert_eq!(repository_of("http://g/v2/a/b/_starlight/bundle?to=v1").as_deref(), Some("a/b"));
         assert_eq!(repository_of("http://g/v2/x/manifests/v1").as_deref(), Some("x"));
         assert_eq!(repository_of("http://g/v2/_starlight/notifications"), None);

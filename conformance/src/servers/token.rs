@@ -150,7 +150,7 @@ fn serve(s: std::net::TcpStream, users: &[User], key: &Path, x5c: &str) -> std::
     }
     let user = auth
         .as_deref()
-        .and_then(|a| a.strip_prefix("Basic "))
+        .and_then(|a| starlight_format::auth::credentials_for(a, "Basic"))
         .and_then(base64_decode)
         .and_then(|d| String::from_utf8(d).ok())
         .and_then(|up| {

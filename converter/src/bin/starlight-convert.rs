@@ -28,7 +28,8 @@ struct Args {
     /// Registry credentials USER:PASSWORD (also STARLIGHT_REGISTRY_CREDS).
     #[arg(long, env = "STARLIGHT_REGISTRY_CREDS", hide_env_values = true)]
     creds: Option<Credentials>,
-    /// Repository name to record for an oci: source (default: the directory name).
+    /// Repository name to record for an oci: source (default: NAME of a NAME:TAG reference, else the
+    /// directory name).
     #[arg(long)]
     name: Option<String>,
     /// Refuse layers larger than this many bytes uncompressed.
@@ -43,7 +44,8 @@ struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// docker://HOST[:PORT]/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]
+    /// docker://HOST[:PORT]/NAME[:TAG|@DIGEST] or oci:DIR[:REFERENCE] (DIR ends at the first colon,
+    /// as in skopeo: oci:/images:redis:v1 is redis:v1 in /images)
     source: String,
 }
 

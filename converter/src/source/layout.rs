@@ -8,10 +8,15 @@ use tokio::io::AsyncReadExt;
 use super::{BlobReader, Descriptor, SourceOptions, ref_name};
 use crate::ConvertError;
 
-/// `oci:DIR[:TAG]`.
+/// `oci:DIR[:REFERENCE]`, read the way skopeo reads it: the directory is everything up to the first
+/// colon, so `oci:/images:redis:v1` is the image named `redis:v1` in `/images`.
 #[derive(Debug)]
 pub struct LayoutSource {
     pub dir: PathBuf,
+    /// The reference looked up in `index.json` (`org.opencontainers.image.ref.name`).
+    pub reference: Option<String>,
+    /// The tag recorded for the image: the reference, or what follows its last colon when it is
+    /// `NAME:TAG` (tags hold no colon).
     pub tag: Option<String>,
     pub opts: SourceOptions,
 }
@@ -23,28 +28,38 @@ struct IndexJson {
 
 impl LayoutSource {
     pub fn parse(rest: &str, opts: SourceOptions) -> Result<LayoutSource, ConvertError> {
-        let (dir, tag) = match rest.rsplit_once(':') {
-            Some((d, t)) if !t.contains('/') => (d, Some(t.to_string())),
-            _ => (rest, None),
+        let (dir, reference) = match rest.split_once(':') {
+            Some((d, r)) => (d, Some(r).filter(|r| !r.is_empty())),
+            None => (rest, None),
         };
         if dir.is_empty() {
             return Err(ConvertError::BadImage {
-                image: rest.into(),
-                why: "empty OCI layout directory".into(),
+                image: format!("oci:{rest}"),
+                why: "empty OCI layout directory (expected oci:DIR[:REFERENCE])".into(),
             });
         }
-        Ok(LayoutSource { dir: PathBuf::from(dir), tag, opts })
+        let tag = reference.map(|r| r.rsplit_once(':').map_or(r, |(_, t)| t).to_string());
+        Ok(LayoutSource { dir: PathBuf::from(dir), reference: reference.map(str::to_string), tag, opts })
     }
 
     pub(super) fn describe(&self) -> String {
         format!(
             "oci:{}{}",
             self.dir.display(),
-            self.tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default()
+            self.reference.as_ref().map(|t| format!(":{t}")).unwrap_or_default()
         )
     }
 
+    /// The name recorded: `--name`, else the `NAME` of a `NAME:TAG` reference, else the directory's.
     pub(super) fn name(&self) -> String {
+        if let Some(n) = &self.opts.name {
+            return n.clone();
+        }
+        if let Some((name, _)) = self.reference.as_deref().and_then(|r| r.rsplit_once(':'))
+            && !name.is_empty()
+        {
+            return name.to_string();
+        }
         self.opts.name.clone().unwrap_or_else(|| {
             let canon = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
             canon.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
@@ -68,13 +83,15 @@ impl LayoutSource {
             .map_err(|e| self.err(format!("{}: {e}", index_path.display())))?;
         let index: IndexJson = serde_json::from_slice(&raw)
             .map_err(|e| self.err(format!("index.json is not a valid OCI index: {e}")))?;
-        let pick = match &self.tag {
-            Some(tag) => index.manifests.iter().find(|d| ref_name(d) == Some(tag.as_str())),
+        let pick = match &self.reference {
+            Some(r) => index.manifests.iter().find(|d| ref_name(d) == Some(r.as_str())),
             None if index.manifests.len() == 1 => index.manifests.first(),
-            None => return Err(self.err("the layout holds several images: name a tag (oci:DIR:TAG)".into())),
+            None => {
+                return Err(self.err("the layout holds several images: name one (oci:DIR:REFERENCE)".into()));
+            }
         };
         let pick = pick.ok_or_else(|| {
-            self.err(format!("no image tagged {:?} in index.json", self.tag.as_deref().unwrap_or("")))
+            self.err(format!("no image named {:?} in index.json", self.reference.as_deref().unwrap_or("")))
         })?;
         let digest: Digest = pick.digest.parse().map_err(|e| self.err(format!("index.json: {e}")))?;
         let bytes = self.blob_bytes(&digest, super::MAX_MANIFEST).await?;
@@ -98,5 +115,49 @@ impl LayoutSource {
 
     pub(super) async fn open_blob(&self, d: &Digest) -> Result<BlobReader, ConvertError> {
         Ok(Box::pin(self.open_file(d).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(rest: &str) -> LayoutSource {
+        LayoutSource::parse(rest, SourceOptions::default()).unwrap()
+    }
+
+    /// Issue item 8: `oci:/images:redis:v1` was split at the last colon (dir `/images:redis`).
+    #[test]
+    fn the_directory_ends_at_the_first_colon_like_skopeo() {
+        let l = parse("/images:redis:v1");
+        assert_eq!(l.dir, PathBuf::from("/images"));
+        assert_eq!(l.reference.as_deref(), Some("redis:v1"));
+        assert_eq!((l.name(), l.tag.as_deref()), ("redis".to_string(), Some("v1")));
+        assert_eq!(l.describe(), "oci:/images:redis:v1");
+
+        let l = parse("/var/tmp/layout:app");
+        assert_eq!(
+            (l.dir.to_str(), l.reference.as_deref(), l.tag.as_deref()),
+            (Some("/var/tmp/layout"), Some("app"), Some("app"))
+        );
+        assert_eq!(l.name(), "layout");
+
+        let l = parse("rel/dir");
+        assert_eq!((l.dir.to_str(), l.reference.as_deref()), (Some("rel/dir"), None));
+        let l = parse("/d:");
+        assert_eq!((l.dir.to_str(), l.reference.as_deref()), (Some("/d"), None));
+        // A reference may hold slashes (skopeo allows `oci:DIR:library/redis:7`).
+        let l = parse("/d:library/redis:7");
+        assert_eq!((l.name(), l.tag.as_deref()), ("library/redis".to_string(), Some("7")));
+
+        let named = LayoutSource::parse(
+            "/images:redis:v1",
+            SourceOptions { name: Some("team/redis".into()), ..SourceOptions::default() },
+        )
+        .unwrap();
+        assert_eq!(named.name(), "team/redis");
+
+        let e = LayoutSource::parse(":app", SourceOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("oci::app") && e.contains("empty OCI layout directory"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ use crate::layer::Compression;
 
 mod layout;
 mod registry;
+mod sized;
 
 pub use layout::LayoutSource;
 pub use registry::{Credentials, RegistrySource};
@@ -120,7 +121,8 @@ pub fn compression_of(media_type: &str) -> Option<Compression> {
 }
 
 impl Source {
-    /// Parses `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` or `oci:DIR[:TAG]`.
+    /// Parses `docker://HOST[:PORT]/NAME[:TAG|@DIGEST]` or `oci:DIR[:REFERENCE]` (the directory ends
+    /// at the first colon, as in skopeo).
     pub fn parse(spec: &str, opts: SourceOptions) -> Result<Source, ConvertError> {
         if let Some(rest) = spec.strip_prefix("docker://") {
             return Ok(Source::Registry(RegistrySource::parse(rest, opts)?));
@@ -130,7 +132,7 @@ impl Source {
         }
         Err(ConvertError::BadImage {
             image: spec.to_string(),
-            why: "source must be docker://HOST[:PORT]/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]".into(),
+            why: "source must be docker://HOST[:PORT]/NAME[:TAG|@DIGEST] or oci:DIR[:REFERENCE]".into(),
         })
     }
 
@@ -170,12 +172,16 @@ impl Source {
         }
     }
 
-    /// Opens a layer blob as a stream (its digest is checked by the converter as it reads).
+    /// Opens a layer blob as a stream (its digest is checked by the converter as it reads) of
+    /// exactly `size` bytes, the manifest's declared size: a blob that is shorter or longer fails
+    /// as it is read, nothing past `size` is read, and a failure of the source underneath comes
+    /// as a [`crate::BlobReadError::Source`] inside the stream's I/O error.
     pub async fn open_blob(&self, d: &Digest, size: u64) -> Result<BlobReader, ConvertError> {
-        match self {
-            Source::Registry(r) => r.open_blob(d, size).await,
-            Source::Layout(l) => l.open_blob(d).await,
-        }
+        let inner = match self {
+            Source::Registry(r) => r.open_blob(d, size).await?,
+            Source::Layout(l) => l.open_blob(d).await?,
+        };
+        Ok(Box::pin(sized::SizedBlob::new(inner, self.describe(), *d, size)))
     }
 
     fn name(&self) -> String {

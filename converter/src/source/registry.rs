@@ -34,11 +34,8 @@ impl Credentials {
 
     /// Reads the credentials of an `Authorization: Basic ...` value.
     pub fn from_basic_header(value: &str) -> Option<Credentials> {
-        let (scheme, b64) = value.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return None;
-        }
-        String::from_utf8(auth::base64_decode(b64.trim())?).ok()?.parse().ok()
+        let b64 = auth::credentials_for(value, "Basic")?;
+        String::from_utf8(auth::base64_decode(b64)?).ok()?.parse().ok()
     }
 }
 
@@ -176,6 +173,7 @@ impl RegistrySource {
         let header = |s: String| {
             HeaderValue::from_str(&s).map_err(|_| self.err(what, "credentials are not a valid header"))
         };
+        // Schemes are case-insensitive (RFC 7235): `bearer` is `Bearer`.
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => match creds {
                 Some(c) => header(basic(c)),
@@ -254,8 +252,19 @@ impl RegistrySource {
         read_capped(resp, max).await.map_err(|e| self.err(format!("blob {d}"), e))
     }
 
-    pub(super) async fn open_blob(&self, d: &Digest, _size: u64) -> Result<BlobReader, ConvertError> {
+    /// The blob's stream; a `Content-Length` other than `size` (the manifest's) fails at once.
+    pub(super) async fn open_blob(&self, d: &Digest, size: u64) -> Result<BlobReader, ConvertError> {
         let resp = self.get(&self.url("blobs", &d.to_string()), None, "layer blob").await?;
+        if let Some(len) = resp.content_length()
+            && len != size
+        {
+            let why = if len < size {
+                crate::BlobReadError::Short { declared: size, actual: len }
+            } else {
+                crate::BlobReadError::Long { declared: size, actual: Some(len) }
+            };
+            return Err(why.into_convert_error(&d.to_string()));
+        }
         let stream = resp.bytes_stream().map_err(|e| std::io::Error::other(error_chain(&e)));
         Ok(Box::pin(StreamReader::new(stream)))
     }
@@ -301,6 +310,9 @@ mod tests {
         assert!(auth::base64_decode("Y").is_none());
         assert!(auth::base64_decode("a$bc").is_none());
         assert!(Credentials::from_basic_header("Bearer x").is_none());
+        // Schemes are case-insensitive (RFC 7235).
+        let back = Credentials::from_basic_header("BASIC dXNlcjpwYTpzcw==").unwrap();
+        assert_eq!((back.username.as_str(), back.password.as_str()), ("user", "pa:ss"));
     }
 
     #[test]

@@ -84,6 +84,8 @@ pub struct Starlight {
     webhook_token: Option<String>,
     platforms: Vec<Platform>,
     convert_timeout: Duration,
+    /// The converter's caps (`convert_max_*` settings).
+    convert_options: Options,
     tmp_dir: std::path::PathBuf,
     read_ahead: u64,
     recompressor: stream::Recompressor,
@@ -117,6 +119,7 @@ impl Starlight {
             webhook_token: config.webhook_token.clone(),
             platforms,
             convert_timeout: Config::secs(config.convert_timeout),
+            convert_options: config.convert_options(),
             tmp_dir: config.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             read_ahead: config.bundle_read_ahead,
             recompressor: stream::Recompressor::new(
@@ -214,7 +217,7 @@ impl Starlight {
         let run = self.flights.convert(
             b.clone(),
             self.upstream.clone(),
-            Options::default(),
+            self.convert_options.clone(),
             self.tmp_dir.clone(),
             self.metrics.clone(),
             job,

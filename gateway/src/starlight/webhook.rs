@@ -89,6 +89,12 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case, RFC 7235), or "".
+fn presented_token(headers: &http::HeaderMap) -> &str {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    starlight_format::auth::credentials_for(given, "Bearer").unwrap_or("")
+}
+
 pub async fn handle(sl: Arc<Starlight>, req: Request<Body>) -> Result<Response<Body>, GatewayError> {
     let Some(token) = sl.webhook_token.clone() else {
         return Err(GatewayError::NotFound);
@@ -96,9 +102,7 @@ pub async fn handle(sl: Arc<Starlight>, req: Request<Body>) -> Result<Response<B
     if req.method() != http::Method::POST {
         return Err(GatewayError::BadRequest("notifications are POSTed".into()));
     }
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let presented = given.strip_prefix("Bearer ").unwrap_or("");
-    if !same_secret(presented.as_bytes(), token.as_bytes()) {
+    if !same_secret(presented_token(req.headers()).as_bytes(), token.as_bytes()) {
         return Err(GatewayError::Unauthorized(
             "notifications need Authorization: Bearer <webhook_token>".into(),
         ));
@@ -189,5 +193,20 @@ mod tests {
         assert!(same_secret(b"abc", b"abc"));
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"ab"));
+    }
+
+    /// Issue item 8: `Authorization: bearer TOKEN` was refused (the scheme matched case-sensitively).
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            presented_token(&h).to_string()
+        };
+        assert_eq!(with("Bearer s3cret"), "s3cret");
+        assert_eq!(with("bearer s3cret"), "s3cret");
+        assert_eq!(with("BEARER s3cret"), "s3cret");
+        assert_eq!(with("Basic s3cret"), "");
+        assert_eq!(presented_token(&http::HeaderMap::new()), "");
     }
 }

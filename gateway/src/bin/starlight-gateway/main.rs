@@ -49,6 +49,12 @@ struct Args {
     /// PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Conversions refuse a layer larger than this many bytes uncompressed (default 16 GiB).
+    #[arg(long)]
+    convert_max_layer_bytes: Option<u64>,
+    /// Conversions refuse a layer with more tar entries than this (default 1000000).
+    #[arg(long)]
+    convert_max_entries: Option<u64>,
 }
 
 /// glibc's malloc, tuned for a server with many short-lived buffers on many threads: few arenas
@@ -109,6 +115,12 @@ fn main() -> ExitCode {
     }
     if let Some(v) = args.tls_key {
         config.tls_key = Some(v);
+    }
+    if let Some(v) = args.convert_max_layer_bytes {
+        config.convert_max_layer_bytes = v;
+    }
+    if let Some(v) = args.convert_max_entries {
+        config.convert_max_entries = v;
     }
     if config.otlp_endpoint.is_none() {
         config.otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.is_empty());
