@@ -59,6 +59,12 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// `text` or `json` logs.
     pub log_format: String,
+    /// A conversion that failed for good (a bad layer or image) is answered with the same error,
+    /// without trying again, for this long (0: always try again).
+    pub failure_ttl: f64,
+    /// Verify stored contents against their digests as bundles send them; a corrupt object is
+    /// dropped and its image converted again.
+    pub verify_bundles: bool,
 }
 
 impl Default for Config {
@@ -87,6 +93,8 @@ impl Default for Config {
             recompress_workers: 2,
             otlp_endpoint: None,
             log_format: "text".into(),
+            failure_ttl: 600.0,
+            verify_bundles: true,
         }
     }
 }
@@ -135,6 +143,9 @@ impl Config {
             if !(v.is_finite() && v > 0.0) {
                 return invalid(key, "must be a positive number of seconds");
             }
+        }
+        if !(self.failure_ttl.is_finite() && self.failure_ttl >= 0.0) {
+            return invalid("failure_ttl", "must be zero or a positive number of seconds");
         }
         if self.max_concurrency == 0 {
             return invalid("max_concurrency", "must be at least 1");

@@ -26,6 +26,9 @@ use tracing::{debug, warn};
 
 use crate::body::BoxError;
 
+mod verify;
+pub use verify::{Bad, Corrupt, Report, Verify, content_stream};
+
 /// Adjacent frames are read together up to this many bytes.
 const READ_MAX: u64 = 2 << 20;
 /// Steps in flight per bundle (reads matter for S3, whose every read is a round trip).
@@ -262,6 +265,8 @@ pub struct Plan {
     total: Option<u64>,
     pub contents: u64,
     pub content_bytes: u64,
+    /// Each content sent and where it is stored, by index (for verification).
+    table: Vec<(Digest, ContentLocation)>,
 }
 
 impl Plan {
@@ -269,11 +274,12 @@ impl Plan {
     pub fn new(header: Vec<u8>, contents: Vec<Send>) -> Plan {
         let count = contents.len() as u64;
         let bytes: u64 = contents.iter().map(|c| c.loc.size).sum();
+        let table = contents.iter().map(|c| (c.content, c.loc.clone())).collect();
         let (steps, chunks) = plan(contents);
         let trailer = Bytes::from(encode_trailer(count, bytes));
         let remade = steps.iter().any(|s| !matches!(s, Step::Read(_)));
         let total = (!remade).then(|| header.len() as u64 + chunks + trailer.len() as u64);
-        Plan { header: Bytes::from(header), steps, trailer, total, contents: count, content_bytes: bytes }
+        Plan { header: Bytes::from(header), steps, trailer, total, contents: count, content_bytes: bytes, table }
     }
 
     /// The exact body length, unless batches or patches not yet made make it unknown.
@@ -700,6 +706,7 @@ impl BundleBody {
         recompressor: Recompressor,
         read_ahead: u64,
         shared: SharedBudget,
+        verify: Verify,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
         let budget_units = (read_ahead / UNIT).clamp(1, u64::from(shared.units)) as u32;
@@ -728,14 +735,18 @@ impl BundleBody {
                     })
                     .map(|(u, permit)| {
                         let (store, plan, recompressor) = (store.clone(), plan.clone(), recompressor.clone());
-                        async move { (run_unit(&store, &recompressor, &plan.steps[u]).await, permit) }
+                        async move { (run_unit(&store, &recompressor, &plan.steps[u.clone()]).await, permit, u) }
                     })
                     .buffered(STEPS_IN_FLIGHT)
             );
-            while let Some((out, permit)) = results.next().await {
+            let mut check = verify::Check::new();
+            while let Some((out, permit, u)) = results.next().await {
                 let (pieces, permit) = match (out, permit) {
                     (Ok(p), Ok(permit)) => (p, permit),
                     (Err(e), _) => {
+                        if let Some(c) = verify::missing(&e) {
+                            (verify.report)(c).await;
+                        }
                         let _ = tx.send(Piece::Failed(e)).await;
                         return;
                     }
@@ -743,6 +754,17 @@ impl BundleBody {
                         let _ = tx.send(Piece::Failed(Box::new(e))).await;
                         return;
                     }
+                };
+                let pieces = match verify.enabled {
+                    true => match check.unit(&store, &plan, u, pieces).await {
+                        Ok(p) => p,
+                        Err(c) => {
+                            (verify.report)(c.clone()).await;
+                            let _ = tx.send(Piece::Failed(Box::new(c))).await;
+                            return;
+                        }
+                    },
+                    false => pieces,
                 };
                 let mut permit = Some(permit);
                 let last = pieces.len().saturating_sub(1);
