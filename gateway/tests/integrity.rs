@@ -290,3 +290,51 @@ async fn two_gateways_sharing_one_index_convert_an_image_once() {
     .await
     .unwrap();
 }
+
+/// What verification costs on a real image: warm bundles of the Debian app image from two gateways
+/// over the same store and index, one verifying and one not, must be equal; their times are
+/// printed (the figures in docs/api.md come from here).
+#[tokio::test]
+async fn a_verified_real_image_bundle_equals_the_unverified_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let layout = starlight_conformance::images::debian_layout();
+    starlight_conformance::images::skopeo_copy(
+        &format!("oci:{}:app", layout.display()),
+        &format!("docker://{}/debian:app", registry.addr()),
+        None,
+    );
+    let (backends, index) = local_redb(dir.path());
+    let store = backends.store.clone();
+    let checked = gateway(&registry, dir.path(), backends).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = common::config(&format!("http://{}", registry.addr()));
+    config.upstream_timeout = 30.0;
+    config.verify_bundles = false;
+    let unchecked = common::start_on(listener, config, Some(Backends { store, index })).await;
+
+    // Converted, batches made, plans kept.
+    let want = bundle(&checked, "debian", "to=app").await.unwrap();
+    bundle(&unchecked, "debian", "to=app").await.unwrap();
+    let (mut with, mut without) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let got = bundle(&checked, "debian", "to=app").await.unwrap();
+        with = with.min(t.elapsed());
+        assert_eq!(got.len(), want.len());
+        let t = std::time::Instant::now();
+        let got = bundle(&unchecked, "debian", "to=app").await.unwrap();
+        without = without.min(t.elapsed());
+        assert_eq!(got, want);
+    }
+    let bytes: usize = want.values().map(Vec::len).sum();
+    eprintln!(
+        "debian app bundle: {} contents, {:.1} MiB; best of 3: verified {:.0} ms, unverified {:.0} ms",
+        want.len(),
+        bytes as f64 / f64::from(1 << 20),
+        with.as_secs_f64() * 1e3,
+        without.as_secs_f64() * 1e3
+    );
+    checked.stop().await;
+    unchecked.stop().await;
+}
