@@ -11,9 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use starlight_conformance::layout::{Layer, host_arch, noise};
 use starlight_conformance::servers::{Redis, Registry, S3Server};
+use starlight_converter::Index;
 use starlight_converter::index::{AnyIndex, RedbIndex, RedisIndex};
 use starlight_converter::store::{AnyStore, LocalStore, S3Store};
-use starlight_converter::Index;
 use starlight_format::Digest;
 use starlight_format::bundle::{Decoder, Event};
 use starlight_gateway::starlight::Backends;
@@ -23,7 +23,13 @@ const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// Pushes an image of uncompressed tar `layers` to `registry` as `name:tag`; the config claims
 /// `diff_ids` (the layers' own digests when `None`). Returns the layer digests.
-async fn push(registry: &Registry, name: &str, tag: &str, layers: &[Vec<u8>], diff_ids: Option<Vec<Digest>>) -> Vec<Digest> {
+async fn push(
+    registry: &Registry,
+    name: &str,
+    tag: &str,
+    layers: &[Vec<u8>],
+    diff_ids: Option<Vec<Digest>>,
+) -> Vec<Digest> {
     let base = format!("http://{}", registry.addr());
     let client = common::http();
     let blob = |data: Vec<u8>| {
@@ -77,15 +83,24 @@ async fn push(registry: &Registry, name: &str, tag: &str, layers: &[Vec<u8>], di
 /// Local store and redb index under `dir`; the index is returned too, for the test to look in.
 fn local_redb(dir: &Path) -> (Backends, AnyIndex) {
     let index = AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap());
-    let b = Backends { store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()), index: index.clone() };
+    let b = Backends {
+        store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
+        index: index.clone(),
+    };
     (b, index)
 }
 
 async fn s3_redis(s3: &S3Server, redis: &Redis) -> Backends {
-    let store =
-        S3Store::with_config("starlight", "gw", &s3.endpoint(), s3.access_key(), s3.secret_key(), "us-east-1")
-            .await
-            .unwrap();
+    let store = S3Store::with_config(
+        "starlight",
+        "gw",
+        &s3.endpoint(),
+        s3.access_key(),
+        s3.secret_key(),
+        "us-east-1",
+    )
+    .await
+    .unwrap();
     store.ensure_bucket().await.unwrap();
     Backends {
         store: AnyStore::S3(store),
@@ -116,7 +131,9 @@ async fn bundle(gw: &common::Gateway, name: &str, query: &str) -> Result<HashMap
         let chunk = chunk.map_err(|e| format!("body cut: {e}"))?;
         for ev in dec.feed(&chunk).map_err(|e| format!("bad bundle: {e}"))? {
             match ev {
-                Event::Chunk { index, data, .. } => partial.entry(index).or_default().extend_from_slice(&data),
+                Event::Chunk { index, data, .. } => {
+                    partial.entry(index).or_default().extend_from_slice(&data)
+                }
                 Event::ContentDone { index, digest } => {
                     contents.insert(digest, partial.remove(&index).unwrap_or_default());
                 }
@@ -131,7 +148,8 @@ async fn bundle(gw: &common::Gateway, name: &str, query: &str) -> Result<HashMap
 
 /// A value from the gateway's /metrics (`name` with its labels, as printed).
 async fn metric(gw: &common::Gateway, name: &str) -> u64 {
-    let text = common::http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    let text =
+        common::http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
     text.lines()
         .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

@@ -14,11 +14,14 @@ use super::convert::{ErrorKind, Failure};
 /// Failures kept at most; beyond this the oldest goes.
 const MAX_FAILURES: usize = 4096;
 
-/// Remembered failures by image (manifest digest and platform).
+/// An image: its manifest digest and platform.
+type Key = (Digest, Platform);
+
+/// Remembered failures by image, with when they happened.
 #[derive(Debug)]
 pub struct Failures {
     ttl: Duration,
-    map: Mutex<HashMap<(Digest, Platform), (Instant, Arc<Failure>)>>,
+    map: Mutex<HashMap<Key, (Instant, Arc<Failure>)>>,
 }
 
 impl Failures {
@@ -28,7 +31,7 @@ impl Failures {
     }
 
     /// The failure remembered for `key`, if it has not expired.
-    pub fn get(&self, key: &(Digest, Platform)) -> Option<Arc<Failure>> {
+    pub fn get(&self, key: &Key) -> Option<Arc<Failure>> {
         let mut map = self.map.lock().ok()?;
         match map.get(key) {
             Some((at, f)) if at.elapsed() < self.ttl => Some(f.clone()),
@@ -41,7 +44,7 @@ impl Failures {
     }
 
     /// Remembers `failure` for `key` if it is of the kind that asking again cannot fix.
-    pub fn remember(&self, key: (Digest, Platform), failure: &Arc<Failure>) {
+    pub fn remember(&self, key: Key, failure: &Arc<Failure>) {
         if !matches!(failure.kind, ErrorKind::Unconvertible) || self.ttl.is_zero() {
             return;
         }

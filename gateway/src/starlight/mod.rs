@@ -236,7 +236,11 @@ impl Starlight {
     }
 
     /// Whether the index holds every layer record of `r`.
-    async fn layers_present(&self, b: &Backends, r: &starlight_format::ImageRecord) -> Result<bool, GatewayError> {
+    async fn layers_present(
+        &self,
+        b: &Backends,
+        r: &starlight_format::ImageRecord,
+    ) -> Result<bool, GatewayError> {
         for l in &r.layers {
             if b.index.get_layer(&l.diff_id).await.map_err(backend_error)?.is_none() {
                 return Ok(false);

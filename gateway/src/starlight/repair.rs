@@ -86,7 +86,11 @@ impl Starlight {
                 for chunk in digests.chunks(LOOKUP_BATCH) {
                     let found = b.index.get_contents(chunk).await.map_err(|e| e.to_string())?;
                     bad.extend(
-                        chunk.iter().zip(found).filter(|(_, l)| l.as_ref().is_some_and(|l| l.blob == *blob)).map(|(d, _)| *d),
+                        chunk
+                            .iter()
+                            .zip(found)
+                            .filter(|(_, l)| l.as_ref().is_some_and(|l| l.blob == *blob))
+                            .map(|(d, _)| *d),
                     );
                 }
             }

@@ -279,7 +279,8 @@ impl Plan {
         let trailer = Bytes::from(encode_trailer(count, bytes));
         let remade = steps.iter().any(|s| !matches!(s, Step::Read(_)));
         let total = (!remade).then(|| header.len() as u64 + chunks + trailer.len() as u64);
-        Plan { header: Bytes::from(header), steps, trailer, total, contents: count, content_bytes: bytes, table }
+        let header = Bytes::from(header);
+        Plan { header, steps, trailer, total, contents: count, content_bytes: bytes, table }
     }
 
     /// The exact body length, unless batches or patches not yet made make it unknown.
@@ -719,6 +720,7 @@ impl BundleBody {
             // Permits are taken in order before a unit starts, so a later unit never holds budget
             // an earlier one waits for.
             let units = units(&plan.steps);
+            let mut sent = units.clone().into_iter();
             let mut results = std::pin::pin!(
                 futures::stream::iter(units)
                     .then(|u| {
@@ -735,12 +737,13 @@ impl BundleBody {
                     })
                     .map(|(u, permit)| {
                         let (store, plan, recompressor) = (store.clone(), plan.clone(), recompressor.clone());
-                        async move { (run_unit(&store, &recompressor, &plan.steps[u.clone()]).await, permit, u) }
+                        async move { (run_unit(&store, &recompressor, &plan.steps[u]).await, permit) }
                     })
                     .buffered(STEPS_IN_FLIGHT)
             );
             let mut check = verify::Check::new();
-            while let Some((out, permit, u)) = results.next().await {
+            while let Some((out, permit)) = results.next().await {
+                let u = sent.next().unwrap_or_default();
                 let (pieces, permit) = match (out, permit) {
                     (Ok(p), Ok(permit)) => (p, permit),
                     (Err(e), _) => {

@@ -186,7 +186,13 @@ impl Check {
     }
 
     /// Verifies the frames of one content sent as chunks; returns the pieces taken.
-    fn frames(&mut self, plan: &Plan, index: u64, loc: &ContentLocation, pieces: &[Bytes]) -> Result<usize, Corrupt> {
+    fn frames(
+        &mut self,
+        plan: &Plan,
+        index: u64,
+        loc: &ContentLocation,
+        pieces: &[Bytes],
+    ) -> Result<usize, Corrupt> {
         let mut n = 0;
         for (at, f) in offsets(loc) {
             let d = pieces.get(n + 1).cloned().unwrap_or_default();
@@ -205,7 +211,8 @@ impl Check {
                 why: format!("content index {index} is not in the plan"),
             });
         };
-        let bad = |why: String| Corrupt { bad: Bad::Frames { blob: loc.blob, content: *digest, offset }, why };
+        let bad =
+            |why: String| Corrupt { bad: Bad::Frames { blob: loc.blob, content: *digest, offset }, why };
         let want = (loc.size.saturating_sub(at)).min(CHUNK_SIZE) as usize;
         let got = self.inflate(frame, want).map_err(|e| bad(format!("frame does not decompress: {e}")))?;
         if got != want {
@@ -229,9 +236,12 @@ impl Check {
 
     fn batch(&mut self, b: &super::BatchStep, frame: &[u8]) -> Result<(), Corrupt> {
         let first = b.items.first().map_or_else(Digest::empty, |(d, _)| *d);
-        let bad = |content: Digest, why: String| Corrupt { bad: Bad::Batch { key: b.key.clone(), content }, why };
+        let bad =
+            |content: Digest, why: String| Corrupt { bad: Bad::Batch { key: b.key.clone(), content }, why };
         let total: u64 = b.items.iter().map(|(_, l)| l.size).sum();
-        let got = self.inflate(frame, total as usize).map_err(|e| bad(first, format!("does not decompress: {e}")))?;
+        let got = self
+            .inflate(frame, total as usize)
+            .map_err(|e| bad(first, format!("does not decompress: {e}")))?;
         if got as u64 != total {
             return Err(bad(first, format!("holds {got} bytes, expected {total}")));
         }
@@ -333,7 +343,8 @@ where
             let data = frame.clone();
             let checked = tokio::task::spawn_blocking(move || {
                 let want = size.saturating_sub(at).min(CHUNK_SIZE) as usize;
-                let plain = zstd::bulk::decompress(&data, want).map_err(|e| format!("frame does not decompress: {e}"))?;
+                let plain = zstd::bulk::decompress(&data, want)
+                    .map_err(|e| format!("frame does not decompress: {e}"))?;
                 if plain.len() != want {
                     return Err(format!("frame holds {} bytes, expected {want}", plain.len()));
                 }
