@@ -84,6 +84,12 @@ pub struct Config {
     /// only TLS (HTTP/2 or HTTP/1.1 by ALPN), and reloads them when the files change.
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
+    /// A conversion that failed for good (a bad layer or image) is answered with the same error,
+    /// without trying again, for this long (0: always try again).
+    pub failure_ttl: f64,
+    /// Verify stored contents against their digests as bundles send them; a corrupt object is
+    /// dropped and its image converted again.
+    pub verify_bundles: bool,
 }
 
 impl Default for Config {
@@ -122,6 +128,8 @@ impl Default for Config {
             log_format: "text".into(),
             tls_cert: None,
             tls_key: None,
+            failure_ttl: 600.0,
+            verify_bundles: true,
         }
     }
 }
@@ -179,6 +187,9 @@ impl Config {
         }
         if self.convert_max_entries == 0 {
             return invalid("convert_max_entries", "must be at least 1");
+        }
+        if !(self.failure_ttl.is_finite() && self.failure_ttl >= 0.0) {
+            return invalid("failure_ttl", "must be zero or a positive number of seconds");
         }
         if self.max_concurrency == 0 {
             return invalid("max_concurrency", "must be at least 1");

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use starlight_format::{ContentLocation, Digest, FormatError, ImageRecord, LayerRecord};
@@ -16,6 +17,8 @@ const LAYER_BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("layer_b
 /// Version 2: the table "images" of earlier versions is not read (see `Index::get_image`).
 const IMAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("images.v2");
 const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
+/// Lease key -> expiry (milliseconds since the Unix epoch, 8 bytes little-endian) and holder.
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 
 /// An index in an embedded redb file.
 #[derive(Clone)]
@@ -62,6 +65,7 @@ impl RedbIndex {
                 tx.open_table(t).map_err(|e| backend("open table")(e.into()))?;
             }
             tx.open_table(TAGS).map_err(|e| backend("open table")(e.into()))?;
+            tx.open_table(LEASES).map_err(|e| backend("open table")(e.into()))?;
         }
         tx.commit().map_err(|e| backend("commit")(e.into()))?;
         Ok(RedbIndex { db: Arc::new(db) })
@@ -89,6 +93,24 @@ impl RedbIndex {
             let t = tx.open_table(table).map_err(|e| backend("open table")(e.into()))?;
             let v = t.get(&key.0[..]).map_err(|e| backend("get")(e.into()))?;
             Ok(v.map(|g| g.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn delete_many(
+        &self,
+        table: TableDefinition<'static, &'static [u8], &'static [u8]>,
+        keys: Vec<Digest>,
+    ) -> Result<(), IndexError> {
+        self.run(move |db: &Database| {
+            let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+            {
+                let mut t = tx.open_table(table).map_err(|e| backend("open table")(e.into()))?;
+                for k in &keys {
+                    t.remove(&k.0[..]).map_err(|e| backend("remove")(e.into()))?;
+                }
+            }
+            tx.commit().map_err(|e| backend("commit")(e.into()))
         })
         .await
     }
@@ -206,4 +228,70 @@ impl Index for RedbIndex {
         })
         .await
     }
+
+    async fn delete_contents(&self, digests: &[Digest]) -> Result<(), IndexError> {
+        self.delete_many(CONTENTS, digests.to_vec()).await
+    }
+
+    async fn delete_layer(&self, diff_id: &Digest) -> Result<(), IndexError> {
+        self.delete_many(LAYERS, vec![*diff_id]).await
+    }
+
+    async fn delete_image(&self, manifest: &Digest) -> Result<(), IndexError> {
+        self.delete_many(IMAGES, vec![*manifest]).await
+    }
+
+    /// One transaction checks and sets, so two tasks of this process never both hold a lease
+    /// (redb is single-process: one gateway per file).
+    async fn try_lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, IndexError> {
+        let (key, holder) = (key.to_string(), holder.to_string());
+        self.run(move |db: &Database| {
+            let now = now_ms();
+            let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+            let taken = {
+                let mut t = tx.open_table(LEASES).map_err(|e| backend("open table")(e.into()))?;
+                let current = t.get(key.as_str()).map_err(|e| backend("get")(e.into()))?.map(|g| {
+                    let v = g.value();
+                    let expiry = v.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+                    (expiry, v.get(8..).unwrap_or_default() == holder.as_bytes())
+                });
+                let free = match current {
+                    None => true,
+                    Some((expiry, mine)) => mine || expiry <= now,
+                };
+                if free {
+                    let mut v = (now + ttl.as_millis() as u64).to_le_bytes().to_vec();
+                    v.extend_from_slice(holder.as_bytes());
+                    t.insert(key.as_str(), &v[..]).map_err(|e| backend("insert")(e.into()))?;
+                }
+                free
+            };
+            tx.commit().map_err(|e| backend("commit")(e.into()))?;
+            Ok(taken)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, key: &str, holder: &str) -> Result<(), IndexError> {
+        let (key, holder) = (key.to_string(), holder.to_string());
+        self.run(move |db: &Database| {
+            let tx = db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+            {
+                let mut t = tx.open_table(LEASES).map_err(|e| backend("open table")(e.into()))?;
+                let mine = t
+                    .get(key.as_str())
+                    .map_err(|e| backend("get")(e.into()))?
+                    .is_some_and(|g| g.value().get(8..).unwrap_or_default() == holder.as_bytes());
+                if mine {
+                    t.remove(key.as_str()).map_err(|e| backend("remove")(e.into()))?;
+                }
+            }
+            tx.commit().map_err(|e| backend("commit")(e.into()))
+        })
+        .await
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

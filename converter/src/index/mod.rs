@@ -3,6 +3,7 @@
 //! An embedded `redb` file by default, Redis (single node or cluster) at scale.
 
 use std::future::Future;
+use std::time::Duration;
 
 use starlight_format::{ContentLocation, Digest, FormatError, ImageRecord, LayerRecord};
 
@@ -84,6 +85,23 @@ pub trait Index: Send + Sync {
         name: &str,
         tag: &str,
     ) -> impl Future<Output = Result<Option<Digest>, IndexError>> + Send;
+
+    /// Forgets content locations (their blob went bad): the next conversion stores them again.
+    fn delete_contents(&self, digests: &[Digest]) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// Forgets a layer record, so that the next conversion of an image with it converts it again.
+    fn delete_layer(&self, diff_id: &Digest) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// Forgets an image record (its tag, if any, is left to point at nothing until re-published).
+    fn delete_image(&self, manifest: &Digest) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// Takes the lease `key` for `holder` for `ttl`, or extends it if `holder` has it already.
+    /// False when another holder's lease is live. A holder that dies lets its lease lapse.
+    fn try_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, IndexError>> + Send;
+    /// Gives the lease up if `holder` still has it.
+    fn release_lease(&self, key: &str, holder: &str) -> impl Future<Output = Result<(), IndexError>> + Send;
 }
 
 /// The index chosen on the command line, by enum dispatch.
@@ -149,5 +167,20 @@ impl Index for AnyIndex {
     }
     async fn resolve_tag(&self, name: &str, tag: &str) -> Result<Option<Digest>, IndexError> {
         dispatch!(self, i => i.resolve_tag(name, tag).await)
+    }
+    async fn delete_contents(&self, digests: &[Digest]) -> Result<(), IndexError> {
+        dispatch!(self, i => i.delete_contents(digests).await)
+    }
+    async fn delete_layer(&self, diff_id: &Digest) -> Result<(), IndexError> {
+        dispatch!(self, i => i.delete_layer(diff_id).await)
+    }
+    async fn delete_image(&self, manifest: &Digest) -> Result<(), IndexError> {
+        dispatch!(self, i => i.delete_image(manifest).await)
+    }
+    async fn try_lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, IndexError> {
+        dispatch!(self, i => i.try_lease(key, holder, ttl).await)
+    }
+    async fn release_lease(&self, key: &str, holder: &str) -> Result<(), IndexError> {
+        dispatch!(self, i => i.release_lease(key, holder).await)
     }
 }

@@ -78,6 +78,19 @@ fn tag_key(name: &str, tag: &str) -> String {
     format!("sl:t:{name}:{tag}")
 }
 
+/// Takes a free or lapsed lease, or extends one's own (KEYS[1]; ARGV: holder, ttl in ms).
+const TRY_LEASE: &str = "local v = redis.call('GET', KEYS[1]) \
+if v == false then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end \
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
+return 0";
+/// Deletes a lease only if the holder still has it.
+const RELEASE_LEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+return 0";
+
+fn lease_key(key: &str) -> String {
+    format!("sl:lease:{key}")
+}
+
 fn decode<T>(
     key: &str,
     value: Option<Vec<u8>>,
@@ -259,6 +272,33 @@ impl Index for RedisIndex {
             corrupt(FormatError::BadDigest(String::from_utf8_lossy(e.as_bytes()).into_owned()))
         })?;
         text.parse::<Digest>().map(Some).map_err(corrupt)
+    }
+
+    async fn delete_contents(&self, digests: &[Digest]) -> Result<(), IndexError> {
+        let cmds = digests.iter().map(|d| redis::cmd("DEL").arg(content_key(d)).clone()).collect();
+        self.many(cmds, "delete contents").await?;
+        debug!(items = digests.len(), "deleted contents");
+        Ok(())
+    }
+
+    async fn delete_layer(&self, diff_id: &Digest) -> Result<(), IndexError> {
+        self.query::<()>(redis::cmd("DEL").arg(layer_key(diff_id)), "delete layer").await
+    }
+
+    async fn delete_image(&self, manifest: &Digest) -> Result<(), IndexError> {
+        self.query::<()>(redis::cmd("DEL").arg(image_key(manifest)), "delete image").await
+    }
+
+    async fn try_lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, IndexError> {
+        let ms = ttl.as_millis().max(1) as u64;
+        let cmd = redis::cmd("EVAL").arg(TRY_LEASE).arg(1).arg(lease_key(key)).arg(holder).arg(ms).clone();
+        let taken: i64 = self.query(&cmd, "take lease").await?;
+        Ok(taken == 1)
+    }
+
+    async fn release_lease(&self, key: &str, holder: &str) -> Result<(), IndexError> {
+        let cmd = redis::cmd("EVAL").arg(RELEASE_LEASE).arg(1).arg(lease_key(key)).arg(holder).clone();
+        self.query::<i64>(&cmd, "release lease").await.map(|_| ())
     }
 }
 

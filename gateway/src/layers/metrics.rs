@@ -30,6 +30,12 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+/// The kind of a stored object (`blob`, `batch`, `patch`, `missing`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 /// The gateway's metrics and the registry they are exposed from.
 #[derive(Debug)]
 pub struct Metrics {
@@ -46,6 +52,8 @@ pub struct Metrics {
     /// Batch and patch records sent (small files together; updated files as differences).
     pub bundle_batches: Counter,
     pub bundle_patches: Counter,
+    /// Stored objects found corrupt (or missing) and dropped, by kind.
+    pub corrupt_objects: Family<KindLabel, Counter>,
     /// Connection limits and timeouts.
     pub conn: ConnMetrics,
 }
@@ -140,6 +148,12 @@ impl Default for Metrics {
         registry.register("bundle_patches", "Contents sent as patches in bundles", bundle_patches.clone());
         let conn = ConnMetrics::default();
         conn.register(&mut registry);
+        let corrupt_objects = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "corrupt_objects",
+            "Stored objects found corrupt or missing while serving, dropped to be rebuilt, by kind",
+            corrupt_objects.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -153,6 +167,7 @@ impl Default for Metrics {
             bundle_batches,
             bundle_patches,
             conn,
+            corrupt_objects,
         }
     }
 }

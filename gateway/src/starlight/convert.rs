@@ -78,13 +78,19 @@ pub struct Job {
 
 type Flight = Shared<BoxFuture<'static, Outcome>>;
 
-/// Conversions in progress, by image.
-#[derive(Debug, Default)]
+/// Conversions in progress, by image, and those that failed for good.
+#[derive(Debug)]
 pub struct Flights {
     map: Arc<Mutex<HashMap<(Digest, Platform), Flight>>>,
+    failures: Arc<super::failures::Failures>,
 }
 
 impl Flights {
+    /// Failed conversions are remembered for `failure_ttl`.
+    pub fn new(failure_ttl: std::time::Duration) -> Flights {
+        Flights { map: Arc::default(), failures: Arc::new(super::failures::Failures::new(failure_ttl)) }
+    }
+
     /// Waits for `job`'s image to be converted: joins the conversion in progress or starts one.
     pub async fn convert(
         &self,
@@ -96,15 +102,23 @@ impl Flights {
         job: Job,
     ) -> Result<ImageRecord, GatewayError> {
         let key = (job.digest, job.platform.clone());
+        if let Some(f) = self.failures.get(&key) {
+            info!(image = %job.digest, error = %f.message, "conversion failed before; not trying again yet");
+            return Err(f.to_error());
+        }
         let flight = {
             let mut map = self.map.lock().map_err(|_| GatewayError::Internal("flights lock".into()))?;
             match map.get(&key) {
                 Some(f) => f.clone(),
                 None => {
                     let map_ref = self.map.clone();
+                    let failures = self.failures.clone();
                     let key2 = key.clone();
                     let task = tokio::spawn(async move {
                         let out = run(&backends, &upstream, options, tmp_dir, &metrics, &job).await;
+                        if let Err(f) = &out {
+                            failures.remember(key2.clone(), f);
+                        }
                         if let Ok(mut m) = map_ref.lock() {
                             m.remove(&key2);
                         }
@@ -144,6 +158,12 @@ async fn run(
         Ok(None) => {}
         Err(e) => return Err(fail(ErrorKind::Unavailable, backend_error(e).to_string())),
     }
+    // One gateway converts; others sharing the index wait for its record.
+    let _lease = match super::lease::take(&backends.index, &job.digest, &job.platform).await {
+        Ok(super::lease::Lease::Held(held)) => held,
+        Ok(super::lease::Lease::Converted(r)) => return Ok(r),
+        Err(e) => return Err(fail(ErrorKind::Unavailable, backend_error(e).to_string())),
+    };
     let opts = SourceOptions {
         plain_http: upstream.plain_http,
         credentials: job.credentials.clone(),

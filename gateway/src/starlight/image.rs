@@ -126,6 +126,18 @@ impl Cache {
         Some(slot.0.clone())
     }
 
+    /// Whether `d` is prepared already.
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.map.lock().is_ok_and(|m| m.contains_key(d))
+    }
+
+    /// Drops `d`, whose stored data changed (a corrupt object was dropped).
+    pub fn forget(&self, d: &Digest) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(d);
+        }
+    }
+
     fn put(&self, p: Arc<Prepared>) {
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         let Ok(mut map) = self.map.lock() else { return };

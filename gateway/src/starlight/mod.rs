@@ -11,9 +11,12 @@
 //! The store and index open on first use, so the pass-through works while they are down.
 
 mod convert;
+mod failures;
 mod image;
+mod lease;
 pub mod order;
 mod query;
+mod repair;
 mod stream;
 mod upstream;
 mod webhook;
@@ -90,6 +93,7 @@ pub struct Starlight {
     read_ahead: u64,
     recompressor: stream::Recompressor,
     shared_budget: stream::SharedBudget,
+    verify_bundles: bool,
 }
 
 impl Starlight {
@@ -112,7 +116,7 @@ impl Starlight {
             index_spec: config.index.clone(),
             backends: cell,
             cache: image::Cache::new(config.cache_images),
-            flights: convert::Flights::default(),
+            flights: convert::Flights::new(Config::secs(config.failure_ttl)),
             trace_locks: Mutex::default(),
             metrics: metrics.clone(),
             credentials: config.upstream_credentials.as_deref().and_then(|c| c.parse().ok()),
@@ -128,6 +132,7 @@ impl Starlight {
                 metrics.clone(),
             ),
             shared_budget: stream::SharedBudget::new(config.bundle_memory, config.bundle_memory_per_client),
+            verify_bundles: config.verify_bundles,
         }
     }
 
@@ -201,7 +206,12 @@ impl Starlight {
         auth: Option<&HeaderValue>,
     ) -> Result<starlight_format::ImageRecord, GatewayError> {
         if let Some(r) = b.index.get_image(&digest).await.map_err(backend_error)? {
-            return Ok(r);
+            if self.cache.contains(&digest) || self.layers_present(b, &r).await? {
+                return Ok(r);
+            }
+            // A layer was dropped as corrupt (through another image): convert this one again.
+            warn!(image = %digest, "image names a dropped layer; converting it again");
+            b.index.delete_image(&digest).await.map_err(backend_error)?;
         }
         let authorization = auth.and_then(|a| a.to_str().ok()).map(str::to_string);
         // A caller's Basic credentials also answer the registry's challenges (a token service).
@@ -226,6 +236,20 @@ impl Starlight {
             Ok(r) => r,
             Err(_) => Err(GatewayError::Timeout(self.convert_timeout)),
         }
+    }
+
+    /// Whether the index holds every layer record of `r`.
+    async fn layers_present(
+        &self,
+        b: &Backends,
+        r: &starlight_format::ImageRecord,
+    ) -> Result<bool, GatewayError> {
+        for l in &r.layers {
+            if b.index.get_layer(&l.diff_id).await.map_err(backend_error)?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     async fn bundle(self: Arc<Self>, name: &str, req: Request<Body>) -> Result<Response<Body>, GatewayError> {
@@ -307,6 +331,7 @@ impl Starlight {
             self.recompressor.clone(),
             self.read_ahead,
             self.shared_budget.for_client(peer),
+            stream::Verify { enabled: self.verify_bundles, report: self.reporter(&b, digest) },
         );
         let mut resp = Response::new(boxed(body));
         let h = resp.headers_mut();
@@ -365,16 +390,19 @@ impl Starlight {
         let key = starlight_format::blob_key(&loc.blob);
         let size = loc.size;
         let store = b.store.clone();
-        let frames = futures::stream::iter(loc.frames).then(move |f| {
+        let frames = futures::stream::iter(loc.frames.clone()).then(move |f| {
             let (store, key) = (store.clone(), key.clone());
             async move {
                 store
                     .get_range(&key, f.offset, f.clen as u64)
                     .await
-                    .map(http_body::Frame::data)
-                    .map_err(|e| crate::body::BoxError::from(e.to_string()))
+                    .map(|data| (f.offset, data))
+                    .map_err(crate::body::BoxError::from)
             }
         });
+        let verify = stream::Verify { enabled: self.verify_bundles, report: self.reporter(&b, digest) };
+        let frames = stream::content_stream(Box::pin(frames), content, loc, verify)
+            .map(|r| r.map(http_body::Frame::data));
         let mut resp = Response::new(boxed(http_body_util::StreamBody::new(frames)));
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));

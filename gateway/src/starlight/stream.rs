@@ -26,6 +26,9 @@ use tracing::{debug, warn};
 
 use crate::body::BoxError;
 
+mod verify;
+pub use verify::{Bad, Corrupt, Report, Verify, content_stream};
+
 /// Adjacent frames are read together up to this many bytes.
 const READ_MAX: u64 = 2 << 20;
 /// Steps in flight per bundle (reads matter for S3, whose every read is a round trip).
@@ -262,6 +265,8 @@ pub struct Plan {
     total: Option<u64>,
     pub contents: u64,
     pub content_bytes: u64,
+    /// Each content sent and where it is stored, by index (for verification).
+    table: Vec<(Digest, ContentLocation)>,
 }
 
 impl Plan {
@@ -269,11 +274,13 @@ impl Plan {
     pub fn new(header: Vec<u8>, contents: Vec<Send>) -> Plan {
         let count = contents.len() as u64;
         let bytes: u64 = contents.iter().map(|c| c.loc.size).sum();
+        let table = contents.iter().map(|c| (c.content, c.loc.clone())).collect();
         let (steps, chunks) = plan(contents);
         let trailer = Bytes::from(encode_trailer(count, bytes));
         let remade = steps.iter().any(|s| !matches!(s, Step::Read(_)));
         let total = (!remade).then(|| header.len() as u64 + chunks + trailer.len() as u64);
-        Plan { header: Bytes::from(header), steps, trailer, total, contents: count, content_bytes: bytes }
+        let header = Bytes::from(header);
+        Plan { header, steps, trailer, total, contents: count, content_bytes: bytes, table }
     }
 
     /// The exact body length, unless batches or patches not yet made make it unknown.
@@ -748,6 +755,7 @@ impl BundleBody {
         recompressor: Recompressor,
         read_ahead: u64,
         shared: SharedBudget,
+        verify: Verify,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
         let budget_units = (read_ahead / UNIT).clamp(1, u64::from(shared.per_client)) as u32;
@@ -760,6 +768,7 @@ impl BundleBody {
             // Permits are taken in order before a unit starts, so a later unit never holds budget
             // an earlier one waits for.
             let units = units(&plan.steps);
+            let mut sent = units.clone().into_iter();
             let mut results = std::pin::pin!(
                 futures::stream::iter(units)
                     .then(|u| {
@@ -789,10 +798,15 @@ impl BundleBody {
                     })
                     .buffered(STEPS_IN_FLIGHT)
             );
+            let mut check = verify::Check::new();
             while let Some((out, permit)) = results.next().await {
+                let u = sent.next().unwrap_or_default();
                 let (pieces, permit) = match (out, permit) {
                     (Ok(p), Ok(permit)) => (p, permit),
                     (Err(e), _) => {
+                        if let Some(c) = verify::missing(&e) {
+                            (verify.report)(c).await;
+                        }
                         let _ = tx.send(Piece::Failed(e)).await;
                         return;
                     }
@@ -800,6 +814,17 @@ impl BundleBody {
                         let _ = tx.send(Piece::Failed(Box::new(e))).await;
                         return;
                     }
+                };
+                let pieces = match verify.enabled {
+                    true => match check.unit(&store, &plan, u, pieces).await {
+                        Ok(p) => p,
+                        Err(c) => {
+                            (verify.report)(c.clone()).await;
+                            let _ = tx.send(Piece::Failed(Box::new(c))).await;
+                            return;
+                        }
+                    },
+                    false => pieces,
                 };
                 let mut permit = Some(permit);
                 let last = pieces.len().saturating_sub(1);
