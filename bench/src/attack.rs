@@ -89,18 +89,21 @@ async fn attacker(kind: &'static str, gw: SocketAddr, counts: Arc<Counts>, stop:
         match kind {
             // Never a byte.
             "idle" => until_closed(s, &counts).await,
-            // An upload announcing 1 MiB, a byte a second.
+            // An upload session, then a chunk announcing 1 MiB that comes a byte a second.
             "slow_body" => {
-                let head =
-                    "POST /v2/attack/blobs/uploads/ HTTP/1.1\r\nhost: gw\r\ncontent-length: 1048576\r\n\r\n";
-                if s.write_all(head.as_bytes()).await.is_ok() {
-                    while !stop.load(Ordering::Relaxed) && s.write_all(b"x").await.is_ok() {
-                        let mut probe = [0u8; 1];
-                        // An answer (408) or the end means the gateway cut it.
-                        if let Ok(Ok(_)) =
-                            tokio::time::timeout(Duration::from_secs(1), s.read(&mut probe)).await
-                        {
-                            break;
+                if let Some(location) = start_upload(&mut s).await {
+                    let head = format!(
+                        "PATCH {location} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/octet-stream\r\ncontent-length: 1048576\r\n\r\n"
+                    );
+                    if s.write_all(head.as_bytes()).await.is_ok() {
+                        while !stop.load(Ordering::Relaxed) && s.write_all(b"x").await.is_ok() {
+                            let mut probe = [0u8; 1];
+                            // An answer (408) or the end means the gateway cut it.
+                            if let Ok(Ok(_)) =
+                                tokio::time::timeout(Duration::from_secs(1), s.read(&mut probe)).await
+                            {
+                                break;
+                            }
                         }
                     }
                 }
@@ -127,6 +130,31 @@ async fn attacker(kind: &'static str, gw: SocketAddr, counts: Arc<Counts>, stop:
             counts.cut.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Starts a blob upload on `s` (keep-alive) and returns its location's path and query.
+async fn start_upload(s: &mut TcpStream) -> Option<String> {
+    let req = "POST /v2/attack/blobs/uploads/ HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\r\n\r\n";
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let location = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("location").then(|| v.trim().to_string())
+    })?;
+    // Absolute (the gateway's own address) or a path.
+    Some(match location.split_once("://") {
+        Some((_, rest)) => rest[rest.find('/')?..].to_string(),
+        None => location,
+    })
 }
 
 /// Times `cmd`, failing with its stderr.
@@ -200,6 +228,8 @@ pub fn run(
     timed(Command::new(&pull).args(["--gateway", &base, "--store"]).arg(&warm).arg("app:v1"))?;
     let (rss_before, _) = rss_kib(pid);
     let fds_before = open_fds(pid);
+    // One discarded round (caches), then the quiet one.
+    clients(&base, &pull, work.path(), "discarded")?;
     let (copy_quiet, pull_quiet) = clients(&base, &pull, work.path(), "quiet")?;
 
     eprintln!("attacking...");
@@ -224,11 +254,13 @@ pub fn run(
             (rss, fds)
         })
     };
-    // Every attacker connected and at work.
-    std::thread::sleep(Duration::from_secs(5));
+    // Every attacker connected, every timeout past once: the attackers are back for more.
+    let attack_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(12));
     let attacked = clients(&base, &pull, work.path(), "attacked");
-    // Long enough for every timeout to have acted at least once.
-    std::thread::sleep(Duration::from_secs(2));
+    // Two rounds of every timeout at least.
+    std::thread::sleep(Duration::from_secs(25).saturating_sub(attack_started.elapsed()));
+    let attack_secs = attack_started.elapsed().as_secs_f64();
     let metrics = rt.block_on(async {
         let c = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
         c.get(format!("{base}/metrics")).send().await?.text().await
@@ -254,7 +286,7 @@ pub fn run(
         copy_attacked / copy_quiet
     );
     println!(
-        "| `starlight-pull` of `app` (converted) | {pull_quiet:.2} s | {pull_attacked:.2} s | {:.2}x |",
+        "| `starlight-pull` of `app` (converted, into an empty store) | {pull_quiet:.2} s | {pull_attacked:.2} s | {:.2}x |",
         pull_attacked / pull_quiet
     );
     println!(
@@ -275,8 +307,9 @@ pub fn run(
     println!();
     let pre = "starlight_gateway_timeouts_total{reason=";
     println!(
-        "Gateway counters: idle {}, body_read {}, write_stall {}, connections refused {}. Settings: `{}`, \
-         other settings default; open-file limit {nofile}.",
+        "Attack: {attack_secs:.0} s, the measured clients after its first 12 s. Gateway counters: idle {}, \
+         body_read {}, write_stall {}, connections refused {}. Settings: `{}`, other settings default; \
+         open-file limit {nofile}.",
         metric(&metrics, &format!("{pre}\"idle\"}}")),
         metric(&metrics, &format!("{pre}\"body_read\"}}")),
         metric(&metrics, &format!("{pre}\"write_stall\"}}")),
