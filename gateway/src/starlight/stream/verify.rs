@@ -29,6 +29,8 @@ pub enum Bad {
     Patch { key: String, content: Digest },
     /// An object the bundle's plan names is not in the store.
     Missing { key: String },
+    /// Contents of an image have no location in the index (dropped with a corrupt blob).
+    Unlocated,
 }
 
 impl Bad {
@@ -37,6 +39,7 @@ impl Bad {
         match self {
             Bad::Frames { blob, .. } => blob_key(blob),
             Bad::Batch { key, .. } | Bad::Patch { key, .. } | Bad::Missing { key } => key.clone(),
+            Bad::Unlocated => String::new(),
         }
     }
 
@@ -46,7 +49,7 @@ impl Bad {
             Bad::Frames { .. } => "blob",
             Bad::Batch { .. } => "batch",
             Bad::Patch { .. } => "patch",
-            Bad::Missing { .. } => "missing",
+            Bad::Missing { .. } | Bad::Unlocated => "missing",
         }
     }
 }
