@@ -30,6 +30,10 @@ impl Starlight {
     /// meets the object reports it again).
     pub(super) async fn repair(&self, b: &Backends, image: &Digest, c: Corrupt) {
         let key = c.bad.key();
+        if matches!(c.bad, Bad::Unchecked) {
+            error!(%image, why = %c.why, "bundle not verified; cut");
+            return;
+        }
         match &c.bad {
             Bad::Frames { content, offset, .. } => error!(
                 %key, offset, %content, %image, why = %c.why,
@@ -40,6 +44,7 @@ impl Starlight {
             ),
             Bad::Missing { .. } => warn!(%key, %image, "stored object missing; dropping what names it"),
             Bad::Unlocated => warn!(%image, why = %c.why, "contents without a location; converting again"),
+            Bad::Unchecked => {}
         }
         self.metrics.corrupt_objects.get_or_create(&KindLabel { kind: c.bad.kind() }).inc();
         // Plans and locations held in memory name the object: build them again.
@@ -49,7 +54,7 @@ impl Starlight {
             Bad::Missing { key } => {
                 key.strip_prefix("blobs/sha256/").and_then(|h| format!("sha256:{h}").parse::<Digest>().ok())
             }
-            Bad::Batch { .. } | Bad::Patch { .. } | Bad::Unlocated => None,
+            Bad::Batch { .. } | Bad::Patch { .. } | Bad::Unlocated | Bad::Unchecked => None,
         };
         if !key.is_empty()
             && let Err(e) = b.store.delete(&key).await
