@@ -219,6 +219,68 @@ async fn a_flipped_byte_in_a_stored_frame_is_caught_counted_and_the_image_conver
 }
 
 #[tokio::test]
+async fn the_out_of_band_content_endpoint_checks_what_it_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let big = noise(1 << 20, 5);
+    let layer = Layer::new().file("opt/big.bin", &big).finish();
+    push(&registry, "oob", "v1", &[layer], None).await;
+    let (backends, index) = local_redb(dir.path());
+    let gw = gateway(&registry, dir.path(), backends).await;
+    let big_digest = Digest::of(&big);
+    let url = format!("{}/v2/oob/_starlight/content/{big_digest}?to=v1", gw.url());
+    let get = || async {
+        let r = common::http().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.bytes().await.map_err(|e| e.to_string())?;
+        zstd::stream::decode_all(&body[..]).map_err(|e| e.to_string())
+    };
+    assert_eq!(get().await.unwrap(), big);
+
+    let loc = index.get_contents(&[big_digest]).await.unwrap().pop().flatten().unwrap();
+    let f = loc.frames[0];
+    flip(&dir.path().join("store/blobs/sha256").join(loc.blob.hex()), f.offset + u64::from(f.clen) / 2);
+    let cut = get().await;
+    assert!(cut.as_ref().is_err(), "the corrupt content is cut, not sent whole: {:?}", cut.map(|b| b.len()));
+    assert_eq!(metric(&gw, "starlight_gateway_corrupt_objects_total{kind=\"blob\"}").await, 1);
+    assert_eq!(get().await.unwrap(), big, "converted again");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_blob_shared_with_another_image_heals_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let big = noise(1 << 20, 9);
+    // The other image's layer holds the same big content, stored once: in the owner's blob.
+    let owner = Layer::new().file("opt/big.bin", &big).file("etc/owner", b"owner\n").finish();
+    let other = Layer::new().file("opt/big.bin", &big).file("etc/other", b"other\n").finish();
+    push(&registry, "owner", "v1", &[owner], None).await;
+    push(&registry, "other", "v1", &[other], None).await;
+    let (backends, index) = local_redb(dir.path());
+    let gw = gateway(&registry, dir.path(), backends).await;
+    bundle(&gw, "owner", "to=v1").await.unwrap();
+    bundle(&gw, "other", "to=v1").await.unwrap();
+
+    let big_digest = Digest::of(&big);
+    let loc = index.get_contents(&[big_digest]).await.unwrap().pop().flatten().unwrap();
+    let f = loc.frames[0];
+    flip(&dir.path().join("store/blobs/sha256").join(loc.blob.hex()), f.offset + u64::from(f.clen) / 2);
+
+    assert!(bundle(&gw, "other", "to=v1").await.is_err(), "the corrupt frame is caught");
+    assert_eq!(metric(&gw, "starlight_gateway_corrupt_objects_total{kind=\"blob\"}").await, 1);
+    // Each image heals: at most one more failed request each (naming the dropped blob).
+    for name in ["other", "owner"] {
+        let got = match bundle(&gw, name, "to=v1").await {
+            Ok(got) => got,
+            Err(first) => bundle(&gw, name, "to=v1").await.unwrap_or_else(|e| panic!("{name}: {first}; {e}")),
+        };
+        assert_eq!(got[&big_digest], big, "{name}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_corrupt_stored_batch_is_caught_counted_and_made_again() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start();

@@ -554,6 +554,16 @@ impl Starlight {
                         map.extend(loc.map(|l| (*d, l)));
                     }
                 }
+                if map.len() < digests.len() {
+                    // Dropped with a corrupt blob of another image: convert this one again.
+                    let image = p.record.manifest_digest;
+                    let why = format!("{} contents have no location", digests.len() - map.len());
+                    let c = stream::Corrupt { bad: stream::Bad::Unlocated, why: why.clone() };
+                    self.repair(b, &image, c).await;
+                    return Err(GatewayError::Unavailable(format!(
+                        "image {image}: {why}; it is converted again on the next request"
+                    )));
+                }
                 Ok(Arc::new(map))
             })
             .await

@@ -30,6 +30,10 @@ impl Starlight {
     /// meets the object reports it again).
     pub(super) async fn repair(&self, b: &Backends, image: &Digest, c: Corrupt) {
         let key = c.bad.key();
+        if matches!(c.bad, Bad::Unchecked) {
+            error!(%image, why = %c.why, "bundle not verified; cut");
+            return;
+        }
         match &c.bad {
             Bad::Frames { content, offset, .. } => error!(
                 %key, offset, %content, %image, why = %c.why,
@@ -39,6 +43,8 @@ impl Starlight {
                 %key, %content, %image, why = %c.why, "stored object corrupt; dropping it to make it again"
             ),
             Bad::Missing { .. } => warn!(%key, %image, "stored object missing; dropping what names it"),
+            Bad::Unlocated => warn!(%image, why = %c.why, "contents without a location; converting again"),
+            Bad::Unchecked => {}
         }
         self.metrics.corrupt_objects.get_or_create(&KindLabel { kind: c.bad.kind() }).inc();
         // Plans and locations held in memory name the object: build them again.
@@ -48,23 +54,22 @@ impl Starlight {
             Bad::Missing { key } => {
                 key.strip_prefix("blobs/sha256/").and_then(|h| format!("sha256:{h}").parse::<Digest>().ok())
             }
-            Bad::Batch { .. } | Bad::Patch { .. } => None,
+            Bad::Batch { .. } | Bad::Patch { .. } | Bad::Unlocated | Bad::Unchecked => None,
         };
         if !key.is_empty()
             && let Err(e) = b.store.delete(&key).await
         {
             warn!(%key, error = %e, "corrupt object not deleted");
         }
-        if let Some(blob) = blob
-            && let Err(e) = self.forget_blob(b, image, &blob).await
-        {
+        let drop_records = blob.is_some() || matches!(c.bad, Bad::Unlocated);
+        if drop_records && let Err(e) = self.forget_blob(b, image, blob.as_ref()).await {
             warn!(%key, %image, error = %e, "index entries of a corrupt blob not dropped");
         }
     }
 
-    /// Drops from the index the image's contents stored in `blob`, the layers holding them, and
-    /// the image itself.
-    async fn forget_blob(&self, b: &Backends, image: &Digest, blob: &Digest) -> Result<(), String> {
+    /// Drops from the index the image's contents stored in `blob`, the layers holding them or
+    /// contents without a location (dropped through another image), and the image itself.
+    async fn forget_blob(&self, b: &Backends, image: &Digest, blob: Option<&Digest>) -> Result<(), String> {
         let Some(record) = b.index.get_image(image).await.map_err(|e| e.to_string())? else {
             return Ok(());
         };
@@ -89,12 +94,13 @@ impl Starlight {
                         chunk
                             .iter()
                             .zip(found)
-                            .filter(|(_, l)| l.as_ref().is_some_and(|l| l.blob == *blob))
+                            .filter(|(_, l)| l.as_ref().is_none_or(|l| Some(&l.blob) == blob))
                             .map(|(d, _)| *d),
                     );
                 }
             }
-            if bad.is_empty() && rec.blob != Some(*blob) && toc.is_some() {
+            let holds_blob = blob.is_some_and(|x| rec.blob == Some(*x));
+            if bad.is_empty() && !holds_blob && toc.is_some() {
                 continue;
             }
             b.index.delete_contents(&bad).await.map_err(|e| e.to_string())?;
@@ -103,7 +109,7 @@ impl Starlight {
             layers += 1;
         }
         b.index.delete_image(image).await.map_err(|e| e.to_string())?;
-        info!(%image, %blob, contents, layers, "dropped from the index; the next request converts again");
+        info!(%image, blob = ?blob, contents, layers, "dropped from the index; the next request converts again");
         Ok(())
     }
 }

@@ -29,6 +29,10 @@ pub enum Bad {
     Patch { key: String, content: Digest },
     /// An object the bundle's plan names is not in the store.
     Missing { key: String },
+    /// Contents of an image have no location in the index (dropped with a corrupt blob).
+    Unlocated,
+    /// Not the store's fault: the check itself could not run.
+    Unchecked,
 }
 
 impl Bad {
@@ -37,6 +41,7 @@ impl Bad {
         match self {
             Bad::Frames { blob, .. } => blob_key(blob),
             Bad::Batch { key, .. } | Bad::Patch { key, .. } | Bad::Missing { key } => key.clone(),
+            Bad::Unlocated | Bad::Unchecked => String::new(),
         }
     }
 
@@ -46,7 +51,8 @@ impl Bad {
             Bad::Frames { .. } => "blob",
             Bad::Batch { .. } => "batch",
             Bad::Patch { .. } => "patch",
-            Bad::Missing { .. } => "missing",
+            Bad::Missing { .. } | Bad::Unlocated => "missing",
+            Bad::Unchecked => "unchecked",
         }
     }
 }
@@ -115,10 +121,7 @@ impl Check {
             (me, pieces, out)
         })
         .await
-        .map_err(|e| Corrupt {
-            bad: Bad::Missing { key: String::new() },
-            why: format!("verification task failed: {e}"),
-        })?;
+        .map_err(|e| Corrupt { bad: Bad::Unchecked, why: format!("verification task failed: {e}") })?;
         *self = me;
         for p in out? {
             check_patch(store, p).await?;
@@ -207,7 +210,7 @@ impl Check {
     fn frame(&mut self, plan: &Plan, index: u64, at: u64, offset: u64, frame: &[u8]) -> Result<(), Corrupt> {
         let Some((digest, loc)) = plan.table.get(index as usize) else {
             return Err(Corrupt {
-                bad: Bad::Missing { key: String::new() },
+                bad: Bad::Unchecked,
                 why: format!("content index {index} is not in the plan"),
             });
         };
