@@ -48,6 +48,12 @@ async fn deletes_and_leases(index: &impl Index) {
     index.delete_layer(&layer.diff_id).await.unwrap();
     assert_eq!(index.get_layer(&layer.diff_id).await.unwrap(), None);
     index.delete_layer(&layer.diff_id).await.unwrap();
+    let source = digest("compressed");
+    index.put_layer_from_blob(&source, &layer).await.unwrap();
+    assert_eq!(index.get_layer_from_blob(&source).await.unwrap(), Some(layer.clone()));
+    index.delete_layer_from_blob(&source).await.unwrap();
+    assert_eq!(index.get_layer_from_blob(&source).await.unwrap(), None, "the blob's link is gone");
+    index.delete_layer_from_blob(&source).await.unwrap();
 
     let image = ImageRecord {
         manifest_digest: digest("manifest"),

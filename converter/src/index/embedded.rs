@@ -237,6 +237,10 @@ impl Index for RedbIndex {
         self.delete_many(LAYERS, vec![*diff_id]).await
     }
 
+    async fn delete_layer_from_blob(&self, blob: &Digest) -> Result<(), IndexError> {
+        self.delete_many(LAYER_BLOBS, vec![*blob]).await
+    }
+
     async fn delete_image(&self, manifest: &Digest) -> Result<(), IndexError> {
         self.delete_many(IMAGES, vec![*manifest]).await
     }

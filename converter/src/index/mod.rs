@@ -90,6 +90,8 @@ pub trait Index: Send + Sync {
     fn delete_contents(&self, digests: &[Digest]) -> impl Future<Output = Result<(), IndexError>> + Send;
     /// Forgets a layer record, so that the next conversion of an image with it converts it again.
     fn delete_layer(&self, diff_id: &Digest) -> impl Future<Output = Result<(), IndexError>> + Send;
+    /// Forgets which layer record a compressed blob produced, so that the blob is converted again.
+    fn delete_layer_from_blob(&self, blob: &Digest) -> impl Future<Output = Result<(), IndexError>> + Send;
     /// Forgets an image record (its tag, if any, is left to point at nothing until re-published).
     fn delete_image(&self, manifest: &Digest) -> impl Future<Output = Result<(), IndexError>> + Send;
     /// Takes the lease `key` for `holder` for `ttl`, or extends it if `holder` has it already.
@@ -173,6 +175,9 @@ impl Index for AnyIndex {
     }
     async fn delete_layer(&self, diff_id: &Digest) -> Result<(), IndexError> {
         dispatch!(self, i => i.delete_layer(diff_id).await)
+    }
+    async fn delete_layer_from_blob(&self, blob: &Digest) -> Result<(), IndexError> {
+        dispatch!(self, i => i.delete_layer_from_blob(blob).await)
     }
     async fn delete_image(&self, manifest: &Digest) -> Result<(), IndexError> {
         dispatch!(self, i => i.delete_image(manifest).await)

@@ -285,6 +285,10 @@ impl Index for RedisIndex {
         self.query::<()>(redis::cmd("DEL").arg(layer_key(diff_id)), "delete layer").await
     }
 
+    async fn delete_layer_from_blob(&self, blob: &Digest) -> Result<(), IndexError> {
+        self.query::<()>(redis::cmd("DEL").arg(layer_blob_key(blob)), "delete layer from blob").await
+    }
+
     async fn delete_image(&self, manifest: &Digest) -> Result<(), IndexError> {
         self.query::<()>(redis::cmd("DEL").arg(image_key(manifest)), "delete image").await
     }

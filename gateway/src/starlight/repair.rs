@@ -105,6 +105,8 @@ impl Starlight {
             }
             b.index.delete_contents(&bad).await.map_err(|e| e.to_string())?;
             b.index.delete_layer(&l.diff_id).await.map_err(|e| e.to_string())?;
+            // The layer is reused by the blob that produced it: that link goes too.
+            b.index.delete_layer_from_blob(&l.digest).await.map_err(|e| e.to_string())?;
             contents += bad.len();
             layers += 1;
         }
