@@ -390,6 +390,11 @@ async fn an_image_past_the_layer_limit_is_refused_and_others_still_served() {
         assert_eq!(r.status, 422, "{}", r.body);
         assert!(r.body.contains("4097") && r.body.contains("4096"), "{}", r.body);
     }
+    // Refused before any layer was fetched: the registry served the manifest, never the layer.
+    let log = registry.log();
+    assert!(log.contains("GET /v2/pub/other/manifests/many"), "{log}");
+    let layer = Digest::of(&compress(&tar));
+    assert!(!log.contains(&format!("GET /v2/pub/other/blobs/{layer}")), "a layer was fetched");
     let f = bundle(&gw, "pub/base", &format!("to=v1&have=pub/other@{many_image}"), &alice).await.unwrap();
     assert_eq!(f.headers["starlight-have-ignored"], "1");
     assert_eq!(f.contents.len(), 1);
