@@ -70,6 +70,9 @@ fn backend_error(e: impl std::fmt::Display) -> GatewayError {
     GatewayError::Unavailable(format!("Starlight storage unavailable: {e}"))
 }
 
+/// Traces are kept per repository and image.
+type TraceKey = (String, Digest);
+
 /// State of the Starlight endpoints.
 #[derive(Debug)]
 pub struct Starlight {
@@ -80,7 +83,7 @@ pub struct Starlight {
     cache: image::Cache,
     flights: convert::Flights,
     /// One trace merge at a time per repository and image (in this process).
-    trace_locks: Mutex<std::collections::HashMap<(String, Digest), Arc<tokio::sync::Mutex<()>>>>,
+    trace_locks: Mutex<std::collections::HashMap<TraceKey, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<Metrics>,
     upstream: convert::Upstream,
     credentials: Option<Credentials>,
