@@ -7,6 +7,7 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use tokio_util::io::SyncIoBridge;
 use tracing::{debug, info};
 
 use crate::ConvertError;
+use crate::failed::FailedLayers;
 use crate::index::Index;
 use crate::layer::{ConvertedLayer, Expect, Options, convert_layer};
 use crate::source::{ResolvedImage, Source};
@@ -49,11 +51,14 @@ pub struct Converter<S, I> {
     pub options: Options,
     /// Where temporary blobs are written before upload.
     pub tmp_dir: PathBuf,
+    /// Layers that failed for good lately (shared by the converters of one process), answered at
+    /// once instead of fetched again.
+    pub failed_layers: Option<Arc<FailedLayers>>,
 }
 
 impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, I> {
     pub fn new(store: S, index: I, options: Options) -> Self {
-        Converter { store, index, options, tmp_dir: std::env::temp_dir() }
+        Converter { store, index, options, tmp_dir: std::env::temp_dir(), failed_layers: None }
     }
 
     /// Converts the image `source` points at and publishes it.
@@ -96,6 +101,31 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
                 toc_bytes: 0,
             });
         }
+        if let Some(why) = self.failed_layers.as_ref().and_then(|f| f.get(layer)) {
+            debug!(blob = %layer.digest, "layer failed lately; not fetched again");
+            return Err(ConvertError::BadLayer {
+                layer: layer.digest.to_string(),
+                entry: None,
+                why: format!("{why} (remembered from a conversion that failed lately)"),
+            });
+        }
+        let out = self.fetch_and_convert_layer(source, resolved, layer).await;
+        if let (Err(e @ ConvertError::BadLayer { .. }), Some(f)) = (&out, &self.failed_layers) {
+            f.remember(layer, &match e {
+                ConvertError::BadLayer { why, entry: Some(entry), .. } => format!("entry {entry:?}: {why}"),
+                ConvertError::BadLayer { why, .. } => why.clone(),
+                _ => e.to_string(),
+            });
+        }
+        out
+    }
+
+    async fn fetch_and_convert_layer(
+        &self,
+        source: &Source,
+        resolved: &ResolvedImage,
+        layer: &starlight_format::ImageLayer,
+    ) -> Result<LayerOutcome, ConvertError> {
         let compression =
             crate::source::compression_of(&layer.media_type).ok_or_else(|| ConvertError::BadImage {
                 image: resolved.record.name.clone(),

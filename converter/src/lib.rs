@@ -13,6 +13,7 @@ pub mod content;
 pub mod convert;
 mod error;
 pub mod extract;
+pub mod failed;
 pub mod guard;
 pub mod index;
 pub mod layer;

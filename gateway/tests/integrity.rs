@@ -341,6 +341,38 @@ async fn a_conversion_that_failed_for_good_is_answered_at_once_without_fetching_
     gw.stop().await;
 }
 
+/// Regression (security issue, item 7): a failed layer is remembered by what its manifest and
+/// config claim of it, so another image naming the same bad layer (a new manifest costs an
+/// attacker nothing) fails at once without fetching it; the same blob with its true diffID still
+/// converts.
+#[tokio::test]
+async fn another_image_naming_a_failed_layer_fails_at_once_and_its_true_diff_id_still_converts() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let layer = Layer::new().file("etc/hello", b"hello\n").finish();
+    let wrong = Some(vec![Digest::of(b"not the layer")]);
+    let layers = push(&registry, "manybad", "v1", std::slice::from_ref(&layer), wrong.clone()).await;
+    // Same layer, same wrong claim, another image (an extra layer makes another config).
+    let other = Layer::new().file("etc/other", b"other\n").finish();
+    let wrong2 = Some(vec![Digest::of(b"not the layer"), Digest::of(&other)]);
+    push(&registry, "manybad", "v2", &[layer.clone(), other], wrong2).await;
+    let (backends, _) = local_redb(dir.path());
+    let gw = gateway(&registry, dir.path(), backends).await;
+
+    let first = bundle(&gw, "manybad", "to=v1").await.unwrap_err();
+    assert!(first.starts_with("422 ") && first.contains("diffID"), "{first}");
+    assert_eq!(blob_gets(&registry, "manybad", &layers[0]), 1, "{}", registry.log());
+    let second = bundle(&gw, "manybad", "to=v2").await.unwrap_err();
+    assert!(second.starts_with("422 ") && second.contains("remembered"), "{second}");
+    assert_eq!(blob_gets(&registry, "manybad", &layers[0]), 1, "the bad layer is not fetched again");
+
+    // The same blob, named with its true diffID, is not refused.
+    push(&registry, "manybad", "v3", std::slice::from_ref(&layer), None).await;
+    let got = bundle(&gw, "manybad", "to=v3").await.unwrap();
+    assert!(got.values().any(|c| c == b"hello\n"), "the true image converts and is served");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn two_gateways_sharing_one_index_convert_an_image_once() {
     let dir = tempfile::tempdir().unwrap();

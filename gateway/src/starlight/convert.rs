@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+use starlight_converter::failed::FailedLayers;
 use starlight_converter::layer::Options;
 use starlight_converter::source::{Credentials, RegistrySource, Source, SourceOptions};
 use starlight_converter::{ConvertError, Converter, Index};
@@ -83,12 +84,19 @@ type Flight = Shared<BoxFuture<'static, Outcome>>;
 pub struct Flights {
     map: Arc<Mutex<HashMap<(Digest, Platform), Flight>>>,
     failures: Arc<super::failures::Failures>,
+    /// Layers that failed for good: another image naming one (same blob, size, media type and
+    /// claimed diffID) fails at once, without fetching it again.
+    failed_layers: Arc<FailedLayers>,
 }
 
 impl Flights {
     /// Failed conversions are remembered for `failure_ttl`.
     pub fn new(failure_ttl: std::time::Duration) -> Flights {
-        Flights { map: Arc::default(), failures: Arc::new(super::failures::Failures::new(failure_ttl)) }
+        Flights {
+            map: Arc::default(),
+            failures: Arc::new(super::failures::Failures::new(failure_ttl)),
+            failed_layers: Arc::new(FailedLayers::new(failure_ttl)),
+        }
     }
 
     /// Waits for `job`'s image to be converted: joins the conversion in progress or starts one.
@@ -113,9 +121,11 @@ impl Flights {
                 None => {
                     let map_ref = self.map.clone();
                     let failures = self.failures.clone();
+                    let failed_layers = self.failed_layers.clone();
                     let key2 = key.clone();
                     let task = tokio::spawn(async move {
-                        let out = run(&backends, &upstream, options, tmp_dir, &metrics, &job).await;
+                        let out =
+                            run(&backends, &upstream, options, tmp_dir, failed_layers, &metrics, &job).await;
                         if let Err(f) = &out {
                             failures.remember(key2.clone(), f);
                         }
@@ -148,6 +158,7 @@ async fn run(
     upstream: &Upstream,
     options: Options,
     tmp_dir: std::path::PathBuf,
+    failed_layers: Arc<FailedLayers>,
     metrics: &Metrics,
     job: &Job,
 ) -> Outcome {
@@ -176,6 +187,7 @@ async fn run(
         .map_err(|e| fail(ErrorKind::Internal, format!("conversion source {spec}: {e}")))?;
     let mut conv = Converter::new(backends.store.clone(), backends.index.clone(), options);
     conv.tmp_dir = tmp_dir;
+    conv.failed_layers = Some(failed_layers);
     info!(image = %spec, "converting on demand");
     match conv.convert(&Source::Registry(source)).await {
         Ok(out) => {
