@@ -111,11 +111,16 @@ impl<S: ObjectStore + Clone + 'static, I: Index + Clone + 'static> Converter<S, 
         }
         let out = self.fetch_and_convert_layer(source, resolved, layer).await;
         if let (Err(e @ ConvertError::BadLayer { .. }), Some(f)) = (&out, &self.failed_layers) {
-            f.remember(layer, &match e {
-                ConvertError::BadLayer { why, entry: Some(entry), .. } => format!("entry {entry:?}: {why}"),
-                ConvertError::BadLayer { why, .. } => why.clone(),
-                _ => e.to_string(),
-            });
+            f.remember(
+                layer,
+                &match e {
+                    ConvertError::BadLayer { why, entry: Some(entry), .. } => {
+                        format!("entry {entry:?}: {why}")
+                    }
+                    ConvertError::BadLayer { why, .. } => why.clone(),
+                    _ => e.to_string(),
+                },
+            );
         }
         out
     }
