@@ -8,12 +8,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bundle::{fetch, fetch_as, fetch_with, materialize};
+use common::{gateway, local_redb, metric, s3_redis};
 use starlight_conformance::fstree::{Options, assert_same_tree};
 use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::umoci_unpack;
 use starlight_conformance::servers::{Redis, Registry, S3Server, TokenServer, User};
-use starlight_converter::index::{AnyIndex, RedbIndex, RedisIndex};
-use starlight_converter::store::{AnyStore, LocalStore, S3Store};
+use starlight_converter::index::{AnyIndex, RedisIndex};
+use starlight_converter::store::{AnyStore, LocalStore};
 use starlight_format::Digest;
 use starlight_gateway::starlight::Backends;
 use tokio::net::TcpListener;
@@ -30,39 +31,6 @@ fn push_corpus(dir: &Path, registry: &Registry, creds: Option<&str>) -> std::pat
         );
     }
     layout
-}
-
-async fn local_redb(dir: &Path) -> Backends {
-    Backends {
-        store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
-        index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
-    }
-}
-
-async fn s3_redis(s3: &S3Server, redis: &Redis) -> Backends {
-    let store = S3Store::with_config(
-        "starlight",
-        "gw",
-        &s3.endpoint(),
-        s3.access_key(),
-        s3.secret_key(),
-        "us-east-1",
-    )
-    .await
-    .unwrap();
-    store.ensure_bucket().await.unwrap();
-    Backends {
-        store: AnyStore::S3(store),
-        index: AnyIndex::Redis(RedisIndex::single(&redis.url()).await.unwrap()),
-    }
-}
-
-async fn gateway(registry: &Registry, dir: &Path, backends: Backends) -> common::Gateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = common::config(&format!("http://{}", registry.addr()));
-    config.upstream_timeout = 30.0;
-    config.work_dir = Some(dir.to_path_buf());
-    common::start_on(listener, config, Some(backends)).await
 }
 
 fn unpack(layout: &Path, tag: &str, dir: &Path) -> std::path::PathBuf {
@@ -86,16 +54,6 @@ fn same_as_umoci(
 
 fn all_contents(h: &starlight_format::bundle::Header) -> HashSet<Digest> {
     starlight_format::Toc { diff_id: Digest([0; 32]), entries: h.entries.clone() }.content_digests().collect()
-}
-
-/// A value from the gateway's /metrics (`name` with its labels, as printed).
-async fn metric(gw: &common::Gateway, name: &str) -> u64 {
-    let text =
-        common::http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 async fn conversions(gw: &common::Gateway) -> u64 {
@@ -160,7 +118,7 @@ async fn corpus_on(dir: tempfile::TempDir, backends: Backends) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corpus_equals_umoci_unpack_on_local_dir_and_redb() {
     let dir = tempfile::tempdir().unwrap();
-    let backends = local_redb(dir.path()).await;
+    let backends = local_redb(dir.path());
     corpus_on(dir, backends).await;
 }
 
@@ -175,7 +133,7 @@ async fn concurrent_first_requests_convert_once() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start();
     push_corpus(dir.path(), &registry, None);
-    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path())).await;
     let url = gw.url();
     let all = futures::future::join_all((0..8).map(|_| fetch(&url, "corpus", "to=v1", None, None))).await;
     let first = all[0].as_ref().unwrap();
@@ -193,7 +151,7 @@ async fn unauthorized_callers_get_the_registrys_challenge() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start_with_htpasswd("alice", "wonderland");
     push_corpus(dir.path(), &registry, Some("alice:wonderland"));
-    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path())).await;
     for creds in [None, Some(("alice", "wrong")), Some(("mallory", "wonderland"))] {
         let r = fetch(&gw.url(), "corpus", "to=v1", creds, None).await.unwrap_err();
         assert_eq!(r.status, 401, "{creds:?}: {}", r.body);
@@ -258,7 +216,7 @@ async fn behind_a_token_service_callers_get_only_their_repositories() {
             (format!("oci:{}:{tag}", layout.display()), format!("docker://{}/{repo}:{tag}", registry.addr()));
         skopeo_copy(&src, &dest, Some("admin:admin-pw"));
     }
-    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path())).await;
     let none = HashMap::new();
     let bearer = |t: String| move |r: reqwest::RequestBuilder| r.bearer_auth(&t);
 
@@ -322,7 +280,7 @@ async fn push_notifications_convert_before_the_first_pull() {
     config.upstream_timeout = 30.0;
     config.webhook_token = Some("s3cret".into());
     config.work_dir = Some(dir.path().to_path_buf());
-    let gw = common::start_on(listener, config, Some(local_redb(dir.path()).await)).await;
+    let gw = common::start_on(listener, config, Some(local_redb(dir.path()))).await;
 
     // A notification without the token is refused.
     let r =
@@ -352,7 +310,7 @@ async fn bad_requests_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start();
     push_corpus(dir.path(), &registry, None);
-    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path())).await;
     for (q, status, says) in [
         ("", 400, "missing to"),
         ("to=v1&to=v2", 400, "twice"),
@@ -395,7 +353,7 @@ async fn a_debian_app_starts_with_its_program_its_loader_and_libraries() {
         &format!("docker://{}/app:v1", registry.addr()),
         None,
     );
-    let gw = gateway(&registry, dir.path(), local_redb(dir.path()).await).await;
+    let gw = gateway(&registry, dir.path(), local_redb(dir.path())).await;
     let b = fetch(&gw.url(), "app", "to=v1", None, None).await.unwrap();
     let path_of: HashMap<Digest, String> = b
         .header

@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use common::{gateway, metric, s3_redis};
 use futures::StreamExt;
 use starlight_conformance::layout::{Layer, host_arch, noise};
 use starlight_conformance::servers::{Redis, Registry, S3Server};
 use starlight_converter::Index;
-use starlight_converter::index::{AnyIndex, RedbIndex, RedisIndex};
-use starlight_converter::store::{AnyStore, LocalStore, S3Store};
+use starlight_converter::index::AnyIndex;
 use starlight_format::Digest;
 use starlight_format::bundle::{Decoder, Event};
 use starlight_gateway::starlight::Backends;
@@ -82,38 +82,9 @@ async fn push(
 
 /// Local store and redb index under `dir`; the index is returned too, for the test to look in.
 fn local_redb(dir: &Path) -> (Backends, AnyIndex) {
-    let index = AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap());
-    let b = Backends {
-        store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
-        index: index.clone(),
-    };
+    let b = common::local_redb(dir);
+    let index = b.index.clone();
     (b, index)
-}
-
-async fn s3_redis(s3: &S3Server, redis: &Redis) -> Backends {
-    let store = S3Store::with_config(
-        "starlight",
-        "gw",
-        &s3.endpoint(),
-        s3.access_key(),
-        s3.secret_key(),
-        "us-east-1",
-    )
-    .await
-    .unwrap();
-    store.ensure_bucket().await.unwrap();
-    Backends {
-        store: AnyStore::S3(store),
-        index: AnyIndex::Redis(RedisIndex::single(&redis.url()).await.unwrap()),
-    }
-}
-
-async fn gateway(registry: &Registry, dir: &Path, backends: Backends) -> common::Gateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = common::config(&format!("http://{}", registry.addr()));
-    config.upstream_timeout = 30.0;
-    config.work_dir = Some(dir.to_path_buf());
-    common::start_on(listener, config, Some(backends)).await
 }
 
 /// A bundle's contents by digest, or why it was refused or cut.
@@ -144,16 +115,6 @@ async fn bundle(gw: &common::Gateway, name: &str, query: &str) -> Result<HashMap
     }
     dec.finish().map_err(|e| format!("incomplete bundle: {e}"))?;
     Ok(contents)
-}
-
-/// A value from the gateway's /metrics (`name` with its labels, as printed).
-async fn metric(gw: &common::Gateway, name: &str) -> u64 {
-    let text =
-        common::http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn flip(path: &Path, at: u64) {

@@ -9,15 +9,15 @@ mod common;
 use std::path::Path;
 
 use common::bundle::{Fetched, Refused, fetch_as};
+use common::{gateway, local_redb};
 use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::{Layer, host_arch, noise};
 use starlight_conformance::servers::{Redis, Registry, TokenServer, User};
-use starlight_converter::index::{AnyIndex, RedbIndex, RedisIndex};
+use starlight_converter::index::{AnyIndex, RedisIndex};
 use starlight_converter::store::{AnyStore, LocalStore};
 use starlight_format::Digest;
 use starlight_gateway::starlight::Backends;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const SECRET: &[u8] = b"alice's private signing key: 7f3c9a1e-not-for-bob\n";
 
@@ -43,21 +43,6 @@ async fn token(tokens: &TokenServer, user: &str, scopes: &[&str]) -> String {
     let r = common::http().get(url).basic_auth(user, Some(&format!("{user}-pw"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_string()
-}
-
-fn local_redb(dir: &Path) -> Backends {
-    Backends {
-        store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
-        index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
-    }
-}
-
-async fn gateway(registry: &Registry, dir: &Path, backends: Backends) -> common::Gateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = common::config(&format!("http://{}", registry.addr()));
-    config.upstream_timeout = 30.0;
-    config.work_dir = Some(dir.to_path_buf());
-    common::start_on(listener, config, Some(backends)).await
 }
 
 async fn bundle(gw: &common::Gateway, name: &str, query: &str, token: &str) -> Result<Fetched, Refused> {

@@ -94,3 +94,59 @@ pub async fn start_on(
     }));
     Gateway { addr, stop: Some(tx), task: Some(task) }
 }
+
+/// A local store and a redb index under `dir`.
+pub fn local_redb(dir: &std::path::Path) -> starlight_gateway::starlight::Backends {
+    use starlight_converter::index::{AnyIndex, RedbIndex};
+    use starlight_converter::store::{AnyStore, LocalStore};
+    starlight_gateway::starlight::Backends {
+        store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
+        index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
+    }
+}
+
+/// A bucket of `s3` and a Redis index on `redis`.
+pub async fn s3_redis(
+    s3: &starlight_conformance::servers::S3Server,
+    redis: &starlight_conformance::servers::Redis,
+) -> starlight_gateway::starlight::Backends {
+    use starlight_converter::index::{AnyIndex, RedisIndex};
+    use starlight_converter::store::{AnyStore, S3Store};
+    let store = S3Store::with_config(
+        "starlight",
+        "gw",
+        &s3.endpoint(),
+        s3.access_key(),
+        s3.secret_key(),
+        "us-east-1",
+    )
+    .await
+    .unwrap();
+    store.ensure_bucket().await.unwrap();
+    starlight_gateway::starlight::Backends {
+        store: AnyStore::S3(store),
+        index: AnyIndex::Redis(RedisIndex::single(&redis.url()).await.unwrap()),
+    }
+}
+
+/// A gateway in front of `registry` with Starlight storage `backends` and scratch space in `dir`.
+pub async fn gateway(
+    registry: &starlight_conformance::servers::Registry,
+    dir: &std::path::Path,
+    backends: starlight_gateway::starlight::Backends,
+) -> Gateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = config(&format!("http://{}", registry.addr()));
+    config.upstream_timeout = 30.0;
+    config.work_dir = Some(dir.to_path_buf());
+    start_on(listener, config, Some(backends)).await
+}
+
+/// A value from the gateway's /metrics (`name` with its labels, as printed); 0 if absent.
+pub async fn metric(gw: &Gateway, name: &str) -> u64 {
+    let text = http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
