@@ -7,13 +7,68 @@
 //! blob named with its true diffID by another image is a different key.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use starlight_format::{Digest, ImageLayer};
 
-/// Layers remembered at most; beyond this the oldest goes.
-const MAX_LAYERS: usize = 4096;
+/// Entries a [`Recent`] keeps at most by default; beyond this the oldest goes.
+pub const MAX_RECENT: usize = 4096;
+
+/// A bounded map whose entries expire: what happened lately, by key.
+#[derive(Debug)]
+pub struct Recent<K, V> {
+    ttl: Duration,
+    max: usize,
+    map: Mutex<HashMap<K, (Instant, V)>>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Recent<K, V> {
+    /// Entries live for `ttl` (zero: nothing is kept), at most `max` of them.
+    pub fn new(ttl: Duration, max: usize) -> Recent<K, V> {
+        Recent { ttl, max: max.max(1), map: Mutex::default() }
+    }
+
+    /// The value kept for `key`, if it has not expired.
+    pub fn get(&self, key: &K) -> Option<V> {
+        let mut map = self.map.lock().ok()?;
+        match map.get(key) {
+            Some((at, v)) if at.elapsed() < self.ttl => Some(v.clone()),
+            Some(_) => {
+                map.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps `value` for `key`, dropping expired entries, then the oldest, when full.
+    pub fn insert(&self, key: K, value: V) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let Ok(mut map) = self.map.lock() else { return };
+        if map.len() >= self.max {
+            map.retain(|_, (at, _)| at.elapsed() < self.ttl);
+            if map.len() >= self.max
+                && let Some(oldest) = map.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(key, (Instant::now(), value));
+    }
+
+    /// Entries held (expired ones included until they are dropped).
+    pub fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 type Key = (Digest, u64, String, Digest);
 
@@ -21,47 +76,23 @@ fn key(l: &ImageLayer) -> Key {
     (l.digest, l.size, l.media_type.clone(), l.diff_id)
 }
 
-/// Failed layers and why, each for `ttl`.
+/// Failed layers and why, each for a time to live.
 #[derive(Debug)]
-pub struct FailedLayers {
-    ttl: Duration,
-    map: Mutex<HashMap<Key, (Instant, String)>>,
-}
+pub struct FailedLayers(Recent<Key, String>);
 
 impl FailedLayers {
     /// Failures are remembered for `ttl` (zero: not at all).
     pub fn new(ttl: Duration) -> FailedLayers {
-        FailedLayers { ttl, map: Mutex::default() }
+        FailedLayers(Recent::new(ttl, MAX_RECENT))
     }
 
     /// Why `layer` failed, if it did within the time to live.
     pub fn get(&self, layer: &ImageLayer) -> Option<String> {
-        let mut map = self.map.lock().ok()?;
-        let k = key(layer);
-        match map.get(&k) {
-            Some((at, why)) if at.elapsed() < self.ttl => Some(why.clone()),
-            Some(_) => {
-                map.remove(&k);
-                None
-            }
-            None => None,
-        }
+        self.0.get(&key(layer))
     }
 
     pub fn remember(&self, layer: &ImageLayer, why: &str) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let Ok(mut map) = self.map.lock() else { return };
-        if map.len() >= MAX_LAYERS {
-            map.retain(|_, (at, _)| at.elapsed() < self.ttl);
-            if map.len() >= MAX_LAYERS
-                && let Some(oldest) = map.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
-            }
-        }
-        map.insert(key(layer), (Instant::now(), why.to_string()));
+        self.0.insert(key(layer), why.to_string());
     }
 }
 
@@ -89,5 +120,15 @@ mod tests {
         let off = FailedLayers::new(Duration::ZERO);
         off.remember(&layer(b"wrong"), "x");
         assert_eq!(off.get(&layer(b"wrong")), None);
+    }
+
+    #[test]
+    fn the_count_is_bounded() {
+        let r = Recent::new(Duration::from_secs(60), 8);
+        for i in 0..20u32 {
+            r.insert(i, ());
+        }
+        assert_eq!(r.len(), 8);
+        assert!(r.get(&19).is_some(), "the newest stays");
     }
 }

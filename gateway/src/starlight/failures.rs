@@ -3,61 +3,37 @@
 //! fetching and decompressing the same bytes again. Transient failures (upstream unreachable,
 //! storage down) are never remembered.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use starlight_converter::failed::{MAX_RECENT, Recent};
 use starlight_format::{Digest, Platform};
 
 use super::convert::{ErrorKind, Failure};
 
-/// Failures kept at most; beyond this the oldest goes.
-const MAX_FAILURES: usize = 4096;
-
 /// An image: its manifest digest and platform.
 type Key = (Digest, Platform);
 
-/// Remembered failures by image, with when they happened.
+/// Remembered failures by image.
 #[derive(Debug)]
-pub struct Failures {
-    ttl: Duration,
-    map: Mutex<HashMap<Key, (Instant, Arc<Failure>)>>,
-}
+pub struct Failures(Recent<Key, Arc<Failure>>);
 
 impl Failures {
     /// Failures are remembered for `ttl` (zero: not at all).
     pub fn new(ttl: Duration) -> Failures {
-        Failures { ttl, map: Mutex::default() }
+        Failures(Recent::new(ttl, MAX_RECENT))
     }
 
     /// The failure remembered for `key`, if it has not expired.
     pub fn get(&self, key: &Key) -> Option<Arc<Failure>> {
-        let mut map = self.map.lock().ok()?;
-        match map.get(key) {
-            Some((at, f)) if at.elapsed() < self.ttl => Some(f.clone()),
-            Some(_) => {
-                map.remove(key);
-                None
-            }
-            None => None,
-        }
+        self.0.get(key)
     }
 
     /// Remembers `failure` for `key` if it is of the kind that asking again cannot fix.
     pub fn remember(&self, key: Key, failure: &Arc<Failure>) {
-        if !matches!(failure.kind, ErrorKind::Unconvertible) || self.ttl.is_zero() {
-            return;
+        if matches!(failure.kind, ErrorKind::Unconvertible) {
+            self.0.insert(key, failure.clone());
         }
-        let Ok(mut map) = self.map.lock() else { return };
-        if map.len() >= MAX_FAILURES {
-            map.retain(|_, (at, _)| at.elapsed() < self.ttl);
-            if map.len() >= MAX_FAILURES
-                && let Some(oldest) = map.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
-            }
-        }
-        map.insert(key, (Instant::now(), failure.clone()));
     }
 }
 
@@ -84,9 +60,9 @@ mod tests {
     #[test]
     fn the_count_is_bounded() {
         let f = Failures::new(Duration::from_secs(60));
-        for i in 0..(MAX_FAILURES + 10) as u32 {
+        for i in 0..(MAX_RECENT + 10) as u32 {
             f.remember((Digest::of(&i.to_le_bytes()), Platform::host()), &failure(ErrorKind::Unconvertible));
         }
-        assert_eq!(f.map.lock().unwrap().len(), MAX_FAILURES);
+        assert_eq!(f.0.len(), MAX_RECENT);
     }
 }
