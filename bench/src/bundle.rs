@@ -115,6 +115,7 @@ pub fn run(
     stream_mib: usize,
     sizes: &[usize],
     levels: &[i32],
+    settings: &[String],
 ) -> anyhow::Result<()> {
     let bin = crate::gateway::gateway_bin(bin)?;
     let work = tempfile::tempdir()?;
@@ -171,7 +172,7 @@ pub fn run(
         let dir = work.path().join(format!("gateway-{level}"));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("gateway.toml");
-        std::fs::write(&config, format!("recompress_level = {level}\n"))?;
+        std::fs::write(&config, format!("recompress_level = {level}\n{}\n", settings.join("\n")))?;
         let gw = start_gateway(
             &bin,
             &format!("http://{}", reg.addr()),

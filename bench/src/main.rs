@@ -105,6 +105,10 @@ enum Cmd {
         /// used for the rest of the run).
         #[arg(long, value_delimiter = ',', default_value = "9,3,19")]
         levels: Vec<i32>,
+        /// A gateway setting for every gateway of the run, as a line of its TOML config
+        /// (`verify_bundles = false`); repeatable.
+        #[arg(long = "gateway-setting", value_name = "TOML")]
+        settings: Vec<String>,
     },
     /// The worker: apply throughput and memory of `starlight-pull`, FUSE vs local disk.
     Worker {
@@ -225,8 +229,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Worker { gateway_bin, pull_bin, layout, mib, rounds } => {
             worker::run(gateway_bin, pull_bin, &layout, mib, rounds)
         }
-        Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes, levels } => {
-            bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes, &levels)
+        Cmd::Bundle { gateway_bin, layout, rounds, stream_mib, sizes, levels, settings } => {
+            bundle::run(gateway_bin, &layout, rounds, stream_mib, &sizes, &levels, &settings)
         }
         Cmd::WanCheck { rtt, mbit } => wan_check(&rtt, mbit),
         Cmd::Wan { quick, mut apps, mut rtt, mbit, mut rounds, mut arms, images, out } => {
