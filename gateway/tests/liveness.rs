@@ -386,3 +386,36 @@ async fn an_unread_http2_bundle_stream_is_cut_while_its_connection_progresses() 
     drop(send);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_bundle_returns_its_budget_at_once() {
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    push_image(dir.path(), &registry, "big", 12, 2 << 20, 8);
+    // The client's whole share fits one bundle's read-ahead, and no stall cut within the test:
+    // only the bundle's end with its client can return the share.
+    let gw = gateway(&registry, dir.path(), |c| {
+        c.bundle_read_ahead = 1 << 20;
+        c.bundle_memory_per_client = 1 << 20;
+        c.bundle_memory = 8 << 20;
+        c.write_stall_timeout = 600.0;
+    })
+    .await;
+    let first = common::bundle::fetch(&gw.url(), "big", "to=v1", None, None).await.unwrap();
+    let mut leaving = TcpStream::connect(gw.addr).await.unwrap();
+    leaving.write_all(&bundle_request("big")).await.unwrap();
+    let mut head = [0u8; 512];
+    let n = leaving.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    drop(leaving);
+    let again = tokio::time::timeout(
+        Duration::from_secs(30),
+        common::bundle::fetch(&gw.url(), "big", "to=v1", None, None),
+    )
+    .await
+    .expect("a bundle waited on the budget of a client that left")
+    .unwrap();
+    assert_eq!(again.contents.len(), first.contents.len());
+    assert_eq!(metric(&gw, "starlight_gateway_timeouts_total{reason=\"bundle_stall\"}").await, 0);
+    gw.stop().await;
+}

@@ -916,6 +916,16 @@ impl BundleBody {
     }
 }
 
+impl Drop for BundleBody {
+    /// The receiver goes with the body (not with the producer's handle on it): the producer sees
+    /// its client gone at once, and the pieces waiting return their budget.
+    fn drop(&mut self) {
+        if let Ok(mut rx) = self.shared.rx.lock() {
+            rx.take();
+        }
+    }
+}
+
 impl http_body::Body for BundleBody {
     type Data = Bytes;
     type Error = BoxError;
