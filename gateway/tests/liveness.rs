@@ -323,3 +323,99 @@ async fn a_client_leaving_after_the_header_does_not_stall_other_bundles() {
     assert!(metric(&gw, "starlight_gateway_bundle_batches_total").await >= 1);
     gw.stop().await;
 }
+
+/// A bundle request on an HTTP/2 connection (`send`): the response head and its body.
+async fn h2_bundle(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    gw: &common::Gateway,
+    name: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    let req = hyper::Request::get(format!("{}/v2/{name}/_starlight/bundle?to=v1", gw.url()))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_http2_bundle_stream_is_cut_while_its_connection_progresses() {
+    use http_body_util::BodyExt;
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    // 24 MiB that does not compress: more than a stream's flow-control window and send buffer.
+    push_image(dir.path(), &registry, "big", 12, 2 << 20, 7);
+    // The client's whole share fits one bundle's read-ahead.
+    let gw = gateway(&registry, dir.path(), |c| {
+        c.bundle_read_ahead = 1 << 20;
+        c.bundle_memory_per_client = 1 << 20;
+        c.bundle_memory = 8 << 20;
+        c.write_stall_timeout = 1.0;
+    })
+    .await;
+    // Converted first, so that the bundles below only stream.
+    common::bundle::fetch(&gw.url(), "big", "to=v1", None, None).await.unwrap();
+    // One HTTP/2 connection (prior knowledge) carries every request below.
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let unread = h2_bundle(&mut send, &gw, "big").await;
+    let len: u64 = unread.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..2 {
+        let read = h2_bundle(&mut send, &gw, "big").await;
+        let body = tokio::time::timeout(Duration::from_secs(30), read.into_body().collect())
+            .await
+            .expect("a bundle stalled behind an unread stream of its own connection")
+            .expect("the read bundle ended with an error")
+            .to_bytes();
+        assert_eq!(body.len() as u64, len);
+    }
+    assert!(metric(&gw, "starlight_gateway_timeouts_total{reason=\"bundle_stall\"}").await >= 1);
+    // The connection was never cut: only the unread stream was.
+    assert_eq!(metric(&gw, "starlight_gateway_timeouts_total{reason=\"write_stall\"}").await, 0);
+    assert!(!conn.is_finished(), "the connection was closed");
+    // The unread stream, read now, gets what was sent before the cut, then an error.
+    let got = tokio::time::timeout(Duration::from_secs(10), unread.into_body().collect()).await;
+    assert!(matches!(got, Ok(Err(_))), "the unread stream did not end with an error");
+    drop(send);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_bundle_returns_its_budget_at_once() {
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    push_image(dir.path(), &registry, "big", 12, 2 << 20, 8);
+    // The client's whole share fits one bundle's read-ahead, and no stall cut within the test:
+    // only the bundle's end with its client can return the share.
+    let gw = gateway(&registry, dir.path(), |c| {
+        c.bundle_read_ahead = 1 << 20;
+        c.bundle_memory_per_client = 1 << 20;
+        c.bundle_memory = 8 << 20;
+        c.write_stall_timeout = 600.0;
+    })
+    .await;
+    let first = common::bundle::fetch(&gw.url(), "big", "to=v1", None, None).await.unwrap();
+    let mut leaving = TcpStream::connect(gw.addr).await.unwrap();
+    leaving.write_all(&bundle_request("big")).await.unwrap();
+    let mut head = [0u8; 512];
+    let n = leaving.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    drop(leaving);
+    let again = tokio::time::timeout(
+        Duration::from_secs(30),
+        common::bundle::fetch(&gw.url(), "big", "to=v1", None, None),
+    )
+    .await
+    .expect("a bundle waited on the budget of a client that left")
+    .unwrap();
+    assert_eq!(again.contents.len(), first.contents.len());
+    assert_eq!(metric(&gw, "starlight_gateway_timeouts_total{reason=\"bundle_stall\"}").await, 0);
+    gw.stop().await;
+}

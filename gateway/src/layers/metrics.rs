@@ -70,7 +70,8 @@ pub struct ConnMetrics {
     pub open: Gauge,
     /// Connections refused at once because `max_connections` were open.
     pub refused: Counter,
-    /// Connections closed or requests failed by a timeout: `idle`, `write_stall`, `body_read`.
+    /// Connections closed or requests failed by a timeout: `idle`, `write_stall`, `body_read`;
+    /// `bundle_stall`: a bundle (an HTTP/2 stream too) its client took none of.
     pub timeouts: Family<ReasonLabel, Counter>,
 }
 
@@ -84,7 +85,7 @@ impl ConnMetrics {
         );
         registry.register(
             "timeouts",
-            "Connections closed (idle, write_stall) or requests failed (body_read) by a timeout",
+            "Connections closed (idle, write_stall) or requests failed (body_read, bundle_stall) by a timeout",
             self.timeouts.clone(),
         );
     }

@@ -97,6 +97,8 @@ pub struct Starlight {
     recompressor: stream::Recompressor,
     shared_budget: stream::SharedBudget,
     verify_bundles: bool,
+    /// A bundle its client takes none of for this long is cut (`write_stall_timeout`).
+    bundle_stall: Duration,
 }
 
 impl Starlight {
@@ -136,6 +138,7 @@ impl Starlight {
             ),
             shared_budget: stream::SharedBudget::new(config.bundle_memory, config.bundle_memory_per_client),
             verify_bundles: config.verify_bundles,
+            bundle_stall: Config::secs(config.write_stall_timeout),
         }
     }
 
@@ -335,6 +338,7 @@ impl Starlight {
             self.read_ahead,
             self.shared_budget.for_client(peer),
             stream::Verify { enabled: self.verify_bundles, report: self.reporter(&b, digest) },
+            stream::Stall { after: self.bundle_stall, metrics: self.metrics.clone() },
         );
         let mut resp = Response::new(boxed(body));
         let h = resp.headers_mut();

@@ -8,7 +8,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -732,10 +734,62 @@ enum Piece {
     Failed(BoxError),
 }
 
+/// When a bundle whose client takes none of it is cut, and where that is counted.
+#[derive(Clone, Debug)]
+pub struct Stall {
+    /// The body not polled this long while it has bytes ready: the bundle stops.
+    pub after: Duration,
+    pub metrics: Arc<crate::layers::Metrics>,
+}
+
+/// What a bundle body and its producer share.
+#[derive(Debug)]
+struct Shared {
+    /// Taken (and dropped, with the budget its pieces hold) by the producer when it cuts the bundle.
+    rx: std::sync::Mutex<Option<mpsc::Receiver<Piece>>>,
+    start: Instant,
+    /// Milliseconds since `start` at which the body was last polled.
+    polled: AtomicU64,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Resolves with `true` once the body had pieces ready and was not polled for `after`; with
+    /// `false` once the body is gone, or (when the producer is `done`) once it took every piece.
+    /// Measured per bundle, not per connection: an HTTP/2 stream without flow-control window is
+    /// not polled while the other streams of its connection progress.
+    async fn stalled(&self, tx: &mpsc::Sender<Piece>, after: Duration, done: bool) -> bool {
+        let tick = (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let after = after.as_millis() as u64;
+        let mut since = None;
+        loop {
+            if tx.is_closed() {
+                return false;
+            }
+            if tx.capacity() < tx.max_capacity() {
+                let now = self.now();
+                let ready = *since.get_or_insert(now);
+                if now.saturating_sub(ready.max(self.polled.load(Ordering::Relaxed))) >= after {
+                    return true;
+                }
+            } else if done {
+                return false;
+            } else {
+                since = None;
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+}
+
 /// A bundle response body.
 #[derive(Debug)]
 pub struct BundleBody {
-    rx: mpsc::Receiver<Piece>,
+    shared: Arc<Shared>,
+    stall: Duration,
     remaining: Option<u64>,
     complete: bool,
 }
@@ -756,88 +810,119 @@ impl BundleBody {
         read_ahead: u64,
         shared: SharedBudget,
         verify: Verify,
+        stall: Stall,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Piece>(64);
+        let state = Arc::new(Shared {
+            rx: std::sync::Mutex::new(Some(rx)),
+            start: Instant::now(),
+            polled: AtomicU64::new(0),
+        });
+        let (watch, after) = (state.clone(), stall.after);
         let budget_units = (read_ahead / UNIT).clamp(1, u64::from(shared.per_client)) as u32;
         let budget = Arc::new(Semaphore::new(budget_units as usize));
         let remaining = plan.total;
         tokio::spawn(async move {
-            if tx.send(Piece::Bytes(plan.header.clone(), None)).await.is_err() {
-                return;
-            }
-            // Permits are taken in order before a unit starts, so a later unit never holds budget
-            // an earlier one waits for.
-            let units = units(&plan.steps);
-            let mut sent = units.clone().into_iter();
-            let mut results = std::pin::pin!(
-                futures::stream::iter(units)
-                    .then(|u| {
-                        let (budget, client, shared) =
-                            (budget.clone(), shared.client.clone(), shared.semaphore.clone());
-                        let len: u64 = plan.steps[u.clone()].iter().map(Step::budget).sum();
-                        async move {
-                            let units = (len.div_ceil(UNIT) as u32).clamp(1, budget_units);
-                            // This bundle's budget first, then its client's, then the gateway's: a
-                            // bundle waiting for a wider budget holds only what its client has yet
-                            // to take.
-                            let permits = async {
-                                let mine = budget.acquire_many_owned(units).await?;
-                                let theirs = match client {
-                                    Some(c) => Some(c.acquire_many_owned(units).await?),
-                                    None => None,
+            let produce = async {
+                if tx.send(Piece::Bytes(plan.header.clone(), None)).await.is_err() {
+                    return;
+                }
+                // Permits are taken in order before a unit starts, so a later unit never holds budget
+                // an earlier one waits for.
+                let units = units(&plan.steps);
+                let mut sent = units.clone().into_iter();
+                let mut results = std::pin::pin!(
+                    futures::stream::iter(units)
+                        .then(|u| {
+                            let (budget, client, shared) =
+                                (budget.clone(), shared.client.clone(), shared.semaphore.clone());
+                            let len: u64 = plan.steps[u.clone()].iter().map(Step::budget).sum();
+                            async move {
+                                let units = (len.div_ceil(UNIT) as u32).clamp(1, budget_units);
+                                // This bundle's budget first, then its client's, then the gateway's: a
+                                // bundle waiting for a wider budget holds only what its client has yet
+                                // to take.
+                                let permits = async {
+                                    let mine = budget.acquire_many_owned(units).await?;
+                                    let theirs = match client {
+                                        Some(c) => Some(c.acquire_many_owned(units).await?),
+                                        None => None,
+                                    };
+                                    let ours = shared.acquire_many_owned(units).await?;
+                                    Ok::<Permits, tokio::sync::AcquireError>((mine, theirs, ours))
                                 };
-                                let ours = shared.acquire_many_owned(units).await?;
-                                Ok::<Permits, tokio::sync::AcquireError>((mine, theirs, ours))
-                            };
-                            (u, permits.await)
-                        }
-                    })
-                    .map(|(u, permit)| {
-                        let (store, plan, recompressor) = (store.clone(), plan.clone(), recompressor.clone());
-                        async move { (run_unit(&store, &recompressor, &plan.steps[u]).await, permit) }
-                    })
-                    .buffered(STEPS_IN_FLIGHT)
-            );
-            let mut check = verify::Check::new();
-            while let Some((out, permit)) = results.next().await {
-                let u = sent.next().unwrap_or_default();
-                let (pieces, permit) = match (out, permit) {
-                    (Ok(p), Ok(permit)) => (p, permit),
-                    (Err(e), _) => {
-                        if let Some(c) = verify::missing(&e) {
-                            (verify.report)(c).await;
-                        }
-                        let _ = tx.send(Piece::Failed(e)).await;
-                        return;
-                    }
-                    (_, Err(e)) => {
-                        let _ = tx.send(Piece::Failed(Box::new(e))).await;
-                        return;
-                    }
-                };
-                let pieces = match verify.enabled {
-                    true => match check.unit(&store, &plan, u, pieces).await {
-                        Ok(p) => p,
-                        Err(c) => {
-                            (verify.report)(c.clone()).await;
-                            let _ = tx.send(Piece::Failed(Box::new(c))).await;
+                                (u, permits.await)
+                            }
+                        })
+                        .map(|(u, permit)| {
+                            let (store, plan, recompressor) =
+                                (store.clone(), plan.clone(), recompressor.clone());
+                            async move { (run_unit(&store, &recompressor, &plan.steps[u]).await, permit) }
+                        })
+                        .buffered(STEPS_IN_FLIGHT)
+                );
+                let mut check = verify::Check::new();
+                while let Some((out, permit)) = results.next().await {
+                    let u = sent.next().unwrap_or_default();
+                    let (pieces, permit) = match (out, permit) {
+                        (Ok(p), Ok(permit)) => (p, permit),
+                        (Err(e), _) => {
+                            if let Some(c) = verify::missing(&e) {
+                                (verify.report)(c).await;
+                            }
+                            let _ = tx.send(Piece::Failed(e)).await;
                             return;
                         }
-                    },
-                    false => pieces,
-                };
-                let mut permit = Some(permit);
-                let last = pieces.len().saturating_sub(1);
-                for (k, b) in pieces.into_iter().enumerate() {
-                    let p = if k == last { permit.take() } else { None };
-                    if tx.send(Piece::Bytes(b, p)).await.is_err() {
-                        return;
+                        (_, Err(e)) => {
+                            let _ = tx.send(Piece::Failed(Box::new(e))).await;
+                            return;
+                        }
+                    };
+                    let pieces = match verify.enabled {
+                        true => match check.unit(&store, &plan, u, pieces).await {
+                            Ok(p) => p,
+                            Err(c) => {
+                                (verify.report)(c.clone()).await;
+                                let _ = tx.send(Piece::Failed(Box::new(c))).await;
+                                return;
+                            }
+                        },
+                        false => pieces,
+                    };
+                    let mut permit = Some(permit);
+                    let last = pieces.len().saturating_sub(1);
+                    for (k, b) in pieces.into_iter().enumerate() {
+                        let p = if k == last { permit.take() } else { None };
+                        if tx.send(Piece::Bytes(b, p)).await.is_err() {
+                            return;
+                        }
                     }
                 }
+                let _ = tx.send(Piece::Trailer(plan.trailer.clone())).await;
+            };
+            // The producer stops when its client takes nothing of it: dropping the receiver drops
+            // the pieces waiting in it, and the budget they hold comes back at once.
+            let cut = tokio::select! {
+                () = produce => watch.stalled(&tx, stall.after, true).await,
+                cut = watch.stalled(&tx, stall.after, false) => cut,
+            };
+            if cut {
+                drop(watch.rx.lock().map(|mut rx| rx.take()));
+                stall.metrics.conn.timed_out("bundle_stall");
+                debug!(timeout = ?stall.after, "bundle cut: its client took none of it");
             }
-            let _ = tx.send(Piece::Trailer(plan.trailer.clone())).await;
         });
-        BundleBody { rx, remaining, complete: false }
+        BundleBody { shared: state, stall: after, remaining, complete: false }
+    }
+}
+
+impl Drop for BundleBody {
+    /// The receiver goes with the body (not with the producer's handle on it): the producer sees
+    /// its client gone at once, and the pieces waiting return their budget.
+    fn drop(&mut self) {
+        if let Ok(mut rx) = self.shared.rx.lock() {
+            rx.take();
+        }
     }
 }
 
@@ -852,7 +937,18 @@ impl http_body::Body for BundleBody {
         if self.complete {
             return Poll::Ready(None);
         }
-        match self.rx.poll_recv(cx) {
+        let shared = self.shared.clone();
+        shared.polled.store(shared.now(), Ordering::Relaxed);
+        let polled = match shared.rx.lock() {
+            Ok(mut rx) => rx.as_mut().map(|rx| rx.poll_recv(cx)),
+            Err(_) => None,
+        };
+        let Some(polled) = polled else {
+            self.complete = true;
+            let e = format!("bundle cut: its client took none of it for {:?}", self.stall);
+            return Poll::Ready(Some(Err(e.into())));
+        };
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(Some(Err("the bundle producer stopped early".into()))),
             Poll::Ready(Some(Piece::Failed(e))) => Poll::Ready(Some(Err(e))),
