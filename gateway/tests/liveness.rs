@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::metric;
 use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::{Layer, noise, write_image};
 use starlight_conformance::servers::Registry;
@@ -29,16 +30,6 @@ async fn gateway(registry: &Registry, dir: &Path, tune: impl FnOnce(&mut Config)
         index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
     };
     common::start_on(listener, config, Some(backends)).await
-}
-
-/// A value from the gateway's /metrics (`name` with its labels, as printed).
-async fn metric(gw: &common::Gateway, name: &str) -> u64 {
-    let text =
-        common::http().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Pushes an image of `files` files of `size` bytes each (distinct for each `seed`) as `name:v1`.
