@@ -2,50 +2,18 @@
 //! system's roots plus `--ca-file`, and refuses to send credentials over plain HTTP to anything but
 //! loopback unless told to, before any connection.
 
-use std::path::Path;
+mod common;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
 
 use starlight_conformance::images::skopeo_copy;
 use starlight_conformance::layout::corpus;
 use starlight_conformance::servers::{Registry, TestCa, TokenServer, User};
-use starlight_converter::index::{AnyIndex, RedbIndex};
-use starlight_converter::store::{AnyStore, LocalStore};
-use starlight_gateway::starlight::Backends;
-use tokio::net::TcpListener;
 
 const PULL: &str = env!("CARGO_BIN_EXE_starlight-pull");
 const SNAPSHOTTER: &str = env!("CARGO_BIN_EXE_starlight-snapshotter");
-
-/// A gateway in this process serving TLS with `cert`/`key`, on local storage under `dir`; its
-/// address and the sender that stops it.
-async fn tls_gateway(
-    registry: &Registry,
-    dir: &Path,
-    cert: &Path,
-    key: &Path,
-) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = starlight_gateway::Config {
-        upstream: format!("http://{}", registry.addr()),
-        listen: addr,
-        upstream_timeout: 30.0,
-        work_dir: Some(dir.to_path_buf()),
-        tls_cert: Some(cert.to_path_buf()),
-        tls_key: Some(key.to_path_buf()),
-        ..starlight_gateway::Config::default()
-    };
-    let backends = Backends {
-        store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
-        index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(starlight_gateway::run_with(listener, config, Some(backends), async {
-        let _ = rx.await;
-    }));
-    (addr, tx)
-}
 
 /// Runs `starlight-pull ARGS` to its end (off the async runtime's threads), without any
 /// `STARLIGHT_*` setting of the environment the test runs in.
@@ -78,8 +46,12 @@ async fn starlight_pull_over_tls_verifies_the_gateway_with_the_ca_file_and_sends
     corpus(&layout);
     let src = format!("oci:{}:v1", layout.display());
     skopeo_copy(&src, &format!("docker://{}/alice/corpus:v1", registry.addr()), Some("alice:alice-pw"));
-    let (addr, stop) = tls_gateway(&registry, &dir.path().join("gw"), &cert, &key).await;
-    let gateway = format!("https://127.0.0.1:{}", addr.port());
+    let gw = common::Gw::start_with(&registry, &dir.path().join("gw"), |c| {
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
+    let gateway = format!("https://127.0.0.1:{}", gw.addr.port());
     let store = dir.path().join("worker");
     let store = store.to_str().unwrap();
     let ca_file = ca.cert();
@@ -109,7 +81,7 @@ async fn starlight_pull_over_tls_verifies_the_gateway_with_the_ca_file_and_sends
         pull(&["--gateway", &gateway, "--store", other.to_str().unwrap(), "alice/corpus:v1"], &env).await;
     let err = stderr(&out);
     assert!(!out.status.success() && err.contains("401") && !err.contains("certificate"), "bob: {err}");
-    let _ = stop.send(());
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

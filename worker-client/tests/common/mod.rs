@@ -21,15 +21,25 @@ pub struct Gw {
 
 impl Gw {
     pub async fn start(registry: &Registry, dir: &Path) -> Gw {
+        Gw::start_with(registry, dir, |_| {}).await
+    }
+
+    /// The same, with settings of the test's own (TLS, say).
+    pub async fn start_with(
+        registry: &Registry,
+        dir: &Path,
+        tune: impl FnOnce(&mut starlight_gateway::Config),
+    ) -> Gw {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = starlight_gateway::Config {
+        let mut config = starlight_gateway::Config {
             upstream: format!("http://{}", registry.addr()),
             listen: addr,
             upstream_timeout: 30.0,
             work_dir: Some(dir.to_path_buf()),
             ..starlight_gateway::Config::default()
         };
+        tune(&mut config);
         let backends = Backends {
             store: AnyStore::Local(LocalStore::open(dir.join("store")).unwrap()),
             index: AnyIndex::Redb(RedbIndex::open(dir.join("index.redb")).unwrap()),
